@@ -1,0 +1,425 @@
+"""Model file format v1: one self-describing safetensors file (spec: docs/format.md).
+
+`write_model` and `read_model` are the only ways in and out. `read_model` validates everything
+before anything else touches the data: a shape or size from the file is never trusted until it
+has been checked against the graph. Every problem raises `ModelFormatError` naming the file,
+the node or tensor, and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_TAG = "ternet"
+FORMAT_VERSION = 1
+OPS = ("conv2d", "pointwise", "depthwise", "add", "global_avg_pool", "linear")
+PADDINGS = ("same", "symmetric")
+ACTIVATIONS = ("none", "relu", "relu6")
+WEIGHT_TYPES = ("ternary", "int8", "hybrid")
+INTERPOLATIONS = ("bilinear", "bicubic")
+INT32_MAX = 2**31 - 1
+_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+# 2-bit ternary codes (BitNet I2_S style): code = w + 1; 3 is invalid.
+CODE_INVALID = 3
+
+
+class ModelFormatError(ValueError):
+    """A model file is missing, unreadable or inconsistent; the message names file and place."""
+
+
+# ---------------------------------------------------------------------------- ternary packing
+
+def pack_ternary(w) -> np.ndarray:
+    """int8 [Cout, Cin] in {-1,0,1} -> uint8 [Cout, ceil(Cin/4)]: 4 codes per byte, first in low bits."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"ternary weights must be 2-D [Cout, Cin], got shape {w.shape}")
+    if not np.all((w >= -1) & (w <= 1)):
+        raise ValueError("ternary weights must be in {-1, 0, +1}")
+    cout, cin = w.shape
+    nb = -(-cin // 4)
+    codes = np.ones((cout, nb * 4), np.uint8)           # padding code 1 = weight 0
+    codes[:, :cin] = (w.astype(np.int16) + 1).astype(np.uint8)
+    c = codes.reshape(cout, nb, 4)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+
+
+def ternary_codes(packed, cin: int) -> np.ndarray:
+    """uint8 [Cout, nb] -> 2-bit codes uint8 [Cout, nb*4] (including padding positions)."""
+    p = np.asarray(packed, np.uint8)
+    return np.stack([(p >> s) & 3 for s in (0, 2, 4, 6)], axis=-1).reshape(p.shape[0], -1)
+
+
+def unpack_ternary(packed, cin: int) -> np.ndarray:
+    """uint8 [Cout, ceil(Cin/4)] -> int8 [Cout, Cin]; raises ValueError on an invalid code."""
+    codes = ternary_codes(packed, cin)
+    if np.any(codes == CODE_INVALID):
+        raise ValueError("invalid 2-bit code 3")
+    return (codes[:, :cin].astype(np.int8) - 1).astype(np.int8)
+
+
+# ---------------------------------------------------------------------------- data classes
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple
+    attrs: dict
+    out_shape: tuple = ()          # (H, W, C) of this node's output, filled in by validation
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "op": self.op, "inputs": list(self.inputs), "attrs": self.attrs}
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: str
+    arch: str
+    graph: tuple                   # of Node, execution order
+    tensors: dict                  # name -> np.ndarray (validated dtype and shape)
+    input: dict                    # height, width, channels, layout, dtype, scale, zero_point
+    preprocess: dict
+    labels: tuple
+    provenance: dict
+    metrics: dict | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def tensor(self, node: Node, fld: str) -> np.ndarray:
+        return self.tensors[f"{node.name}.{fld}"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------------------- writing
+
+def write_model(path, *, arch: str, graph, tensors: dict, input_spec: dict, preprocess: dict,
+                labels, provenance: dict, metrics: dict | None = None) -> None:
+    """Validate, then write one model file. graph: list of node dicts or Nodes."""
+    from safetensors.numpy import save_file
+
+    nodes = [n.to_json() if isinstance(n, Node) else dict(n) for n in graph]
+    meta = {
+        "format": FORMAT_TAG,
+        "ternet.format_version": str(FORMAT_VERSION),
+        "ternet.arch": str(arch),
+        "ternet.graph": json.dumps(nodes),
+        "ternet.input": json.dumps(input_spec),
+        "ternet.preprocess": json.dumps(preprocess),
+        "ternet.labels": json.dumps(list(labels)),
+        "ternet.provenance": json.dumps(provenance),
+    }
+    if metrics is not None:
+        meta["ternet.metrics"] = json.dumps(metrics)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    validate(str(path), meta, arrays)          # never write a file we would refuse to read
+    save_file(arrays, str(path), metadata=meta)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_model(path) -> ModelFile:
+    """Read and fully validate a model file; raises ModelFormatError (or FileNotFoundError)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model file")
+    if p.is_dir():
+        raise ModelFormatError(f"{p}: is a directory, not a model file")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="np") as f:
+            meta = dict(f.metadata() or {})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt headers/data
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFormatError(f"{p}: not a readable safetensors file ({msg})") from None
+    return validate(str(p), meta, arrays)
+
+
+def _fail(path, where, problem):
+    raise ModelFormatError(f"{path}: {where}: {problem}")
+
+
+def _json_key(path, meta, key, kind, required=True):
+    if key not in meta:
+        if required:
+            _fail(path, f"metadata key {key!r}", "missing")
+        return None
+    try:
+        v = json.loads(meta[key])
+    except (TypeError, ValueError) as e:
+        _fail(path, f"metadata key {key!r}", f"invalid JSON ({e})")
+    if not isinstance(v, kind):
+        _fail(path, f"metadata key {key!r}", f"expected a JSON {kind.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _num(path, where, d, key, lo=None, hi=None, integer=False):
+    v = d.get(key) if isinstance(d, dict) else None
+    ok_type = (isinstance(v, int) and not isinstance(v, bool)) if integer else \
+        (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok_type or not np.isfinite(v):
+        _fail(path, where, f"{key!r} must be {'an integer' if integer else 'a finite number'}, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        _fail(path, where, f"{key!r} = {v} out of range [{lo}, {hi}]")
+    return v
+
+
+def _choice(path, where, d, key, choices):
+    v = d.get(key)
+    if v not in choices:
+        _fail(path, where, f"{key!r} must be one of {list(choices)}, got {v!r}")
+    return v
+
+
+def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
+    """Check metadata, graph, shapes and tensors; return the parsed ModelFile."""
+    if meta.get("format") != FORMAT_TAG:
+        _fail(path, "metadata key 'format'", f"expected {FORMAT_TAG!r}, got {meta.get('format')!r} "
+              "(not a ternet model file)")
+    ver = meta.get("ternet.format_version")
+    if ver is None or not str(ver).isdigit():
+        _fail(path, "metadata key 'ternet.format_version'", f"missing or not an integer: {ver!r}")
+    if int(ver) != FORMAT_VERSION:
+        _fail(path, "format version", f"file has version {ver}, this ternet reads version "
+              f"{FORMAT_VERSION}" + ("; upgrade ternet" if int(ver) > FORMAT_VERSION else ""))
+    arch = meta.get("ternet.arch")
+    if not isinstance(arch, str) or not arch:
+        _fail(path, "metadata key 'ternet.arch'", "missing or empty")
+    graph = _json_key(path, meta, "ternet.graph", list)
+    inp = _json_key(path, meta, "ternet.input", dict)
+    pre = _json_key(path, meta, "ternet.preprocess", dict)
+    labels = _json_key(path, meta, "ternet.labels", list)
+    prov = _json_key(path, meta, "ternet.provenance", dict)
+    metrics = _json_key(path, meta, "ternet.metrics", dict, required=False)
+    if "producer" not in prov:
+        _fail(path, "metadata key 'ternet.provenance'", "needs a 'producer' entry")
+    if not all(isinstance(x, str) for x in labels):
+        _fail(path, "metadata key 'ternet.labels'", "every label must be a string")
+
+    w = "input spec"
+    H = _num(path, w, inp, "height", 1, 4096, True)
+    W = _num(path, w, inp, "width", 1, 4096, True)
+    _num(path, w, inp, "channels", 3, 3, True)
+    if inp.get("layout") != "NHWC" or inp.get("dtype") != "uint8":
+        _fail(path, w, "layout must be 'NHWC' and dtype 'uint8'")
+    s_in = _num(path, w, inp, "scale", 0, None)
+    if s_in <= 0:
+        _fail(path, w, "scale must be > 0")
+    _num(path, w, inp, "zero_point", 0, 255, True)
+
+    w = "preprocess spec"
+    crop = _num(path, w, pre, "crop", 1, 4096, True)
+    resize = _num(path, w, pre, "resize", 1, 8192, True)
+    if crop != H or crop != W:
+        _fail(path, w, f"crop {crop} does not match the input size {H}x{W}")
+    if resize < crop:
+        _fail(path, w, f"resize {resize} is smaller than crop {crop}")
+    _choice(path, w, pre, "interpolation", INTERPOLATIONS)
+    if pre.get("colour", "RGB") != "RGB":
+        _fail(path, w, f"colour must be 'RGB', got {pre.get('colour')!r}")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and
+                all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in v)):
+            _fail(path, w, f"{key!r} must be a list of 3 numbers")
+    if min(pre["std"]) <= 0:
+        _fail(path, w, "std must be > 0")
+
+    nodes, used = _validate_graph(path, graph, arrays, (H, W, 3), inp["zero_point"])
+    extra = sorted(set(arrays) - used)
+    if extra:
+        _fail(path, f"tensor {extra[0]!r}", "not used by any graph node")
+    if len(labels) != nodes[-1].attrs["cout"]:
+        _fail(path, "metadata key 'ternet.labels'",
+              f"{len(labels)} labels for a classifier with {nodes[-1].attrs['cout']} outputs")
+    return ModelFile(path=path, arch=arch, graph=tuple(nodes), tensors=arrays, input=inp,
+                     preprocess=pre, labels=tuple(labels), provenance=prov, metrics=metrics,
+                     metadata=dict(meta))
+
+
+def _expect(path, arrays, used, name, dtype, shape):
+    if name not in arrays:
+        _fail(path, f"tensor {name!r}", "missing")
+    a = arrays[name]
+    if a.dtype != np.dtype(dtype):
+        _fail(path, f"tensor {name!r}", f"dtype {a.dtype} (expected {np.dtype(dtype)})")
+    if tuple(a.shape) != tuple(shape):
+        _fail(path, f"tensor {name!r}", f"shape {list(a.shape)} (expected {list(shape)})")
+    used.add(name)
+    return a
+
+
+def _qparams(path, arrays, used, name):
+    s = _expect(path, arrays, used, f"{name}.output_scale", np.float32, (1,))
+    z = _expect(path, arrays, used, f"{name}.output_zero_point", np.int32, (1,))
+    if not (np.isfinite(s[0]) and s[0] > 0):
+        _fail(path, f"tensor {name + '.output_scale'!r}", f"must be finite and > 0, got {s[0]}")
+    if not 0 <= z[0] <= 255:
+        _fail(path, f"tensor {name + '.output_zero_point'!r}", f"{z[0]} outside [0, 255]")
+
+
+def _weight_scale(path, arrays, used, name, c):
+    s = _expect(path, arrays, used, f"{name}.weight_scale", np.float32, (c,))
+    if not np.all(np.isfinite(s) & (s > 0)):
+        _fail(path, f"tensor {name + '.weight_scale'!r}", "every scale must be finite and > 0")
+
+
+def _check_acc(path, name, bias, w, zx):
+    """No int32 accumulator can overflow: |bias| + 255*sum|w| and the folded bias fit in int32."""
+    wa = np.abs(w.reshape(w.shape[0], -1).astype(np.int64)).sum(axis=1)
+    ws = w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
+    b = bias.astype(np.int64)
+    if np.any(np.abs(b) + 255 * wa > INT32_MAX) or np.any(np.abs(b - zx * ws) + 255 * wa > INT32_MAX):
+        _fail(path, f"node {name!r}", "bias and weights can overflow the int32 accumulator")
+
+
+def pointwise_weight(mf_or_arrays, node: Node) -> np.ndarray:
+    """Canonical int8 [Cout, Cin] weights of a pointwise node (ternary unpacked, hybrid merged)."""
+    arrays = mf_or_arrays.tensors if isinstance(mf_or_arrays, ModelFile) else mf_or_arrays
+    a = node.attrs
+    if a["weight"] == "int8":
+        return arrays[f"{node.name}.weight"]
+    w = unpack_ternary(arrays[f"{node.name}.weight"], a["cin"])
+    if a["weight"] == "hybrid":
+        w = w.copy()
+        w[arrays[f"{node.name}.int8_channels"]] = arrays[f"{node.name}.weight_int8"]
+    return w
+
+
+def _validate_graph(path, graph, arrays, in_shape, in_zp):
+    if not graph:
+        _fail(path, "graph", "is empty")
+    shapes = {"input": in_shape}
+    zps = {"input": in_zp}
+    used: set = set()
+    nodes = []
+    for i, raw in enumerate(graph):
+        if not isinstance(raw, dict):
+            _fail(path, f"graph node #{i}", "is not a JSON object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME.match(name) or name == "input":
+            _fail(path, f"graph node #{i}", f"invalid name {name!r}")
+        where = f"node {name!r}"
+        if name in shapes:
+            _fail(path, where, "duplicate node name")
+        op = raw.get("op")
+        if op not in OPS:
+            _fail(path, where, f"unknown op {op!r} (supported: {', '.join(OPS)})")
+        inputs = raw.get("inputs")
+        attrs = raw.get("attrs", {})
+        if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
+            _fail(path, where, "'inputs' must be a list of node names")
+        if not isinstance(attrs, dict):
+            _fail(path, where, "'attrs' must be an object")
+        arity = 2 if op == "add" else 1
+        if len(inputs) != arity:
+            _fail(path, where, f"op {op!r} takes {arity} input(s), got {len(inputs)}")
+        for s in inputs:
+            if s not in shapes:
+                _fail(path, where, f"input {s!r} is not the graph input or an earlier node")
+        if op != "linear" and i == len(graph) - 1:
+            _fail(path, where, "the last node must be the 'linear' classifier")
+        if op == "linear" and i != len(graph) - 1:
+            _fail(path, where, "'linear' must be the last node")
+        h, w_, c = shapes[inputs[0]]
+        zx = zps[inputs[0]]
+
+        if op in ("conv2d", "depthwise"):
+            k = _num(path, where, attrs, "kernel", 1, 7, True)
+            st = _num(path, where, attrs, "stride", 1, 2, True)
+            if k % 2 == 0:
+                _fail(path, where, f"'kernel' must be odd, got {k}")
+            pad = _choice(path, where, attrs, "padding", PADDINGS)
+            _choice(path, where, attrs, "activation", ACTIVATIONS)
+            from .quant import conv_padding
+            ho = conv_padding(pad, h, k, st)[0]
+            wo = conv_padding(pad, w_, k, st)[0]
+            if ho < 1 or wo < 1:
+                _fail(path, where, f"output would be empty for a {h}x{w_} input")
+            if op == "conv2d":
+                cin = _num(path, where, attrs, "cin", 1, 65536, True)
+                cout = _num(path, where, attrs, "cout", 1, 65536, True)
+                if cin != c:
+                    _fail(path, where, f"cin={cin} but its input has {c} channels")
+                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, k, k, cin))
+            else:
+                cout = _num(path, where, attrs, "channels", 1, 65536, True)
+                if cout != c:
+                    _fail(path, where, f"channels={cout} but its input has {c} channels")
+                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (k, k, cout))
+                wt = np.moveaxis(wt, 2, 0)
+            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
+            _weight_scale(path, arrays, used, name, cout)
+            _qparams(path, arrays, used, name)
+            _check_acc(path, name, b, wt, zx)
+            out = (ho, wo, cout)
+        elif op == "pointwise":
+            cin = _num(path, where, attrs, "cin", 1, 65536, True)
+            cout = _num(path, where, attrs, "cout", 1, 65536, True)
+            kind = _choice(path, where, attrs, "weight", WEIGHT_TYPES)
+            _choice(path, where, attrs, "activation", ACTIVATIONS)
+            if cin != c:
+                _fail(path, where, f"cin={cin} but its input has {c} channels")
+            if kind == "int8":
+                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, cin))
+            else:
+                pk = _expect(path, arrays, used, f"{name}.weight", np.uint8, (cout, -(-cin // 4)))
+                codes = ternary_codes(pk, cin)
+                bad = np.argwhere(codes == CODE_INVALID)
+                if len(bad):
+                    _fail(path, f"tensor {name + '.weight'!r}",
+                          f"invalid 2-bit code 3 at output channel {bad[0][0]}, input {bad[0][1]}")
+                if np.any(codes[:, cin:] != 1):
+                    _fail(path, f"tensor {name + '.weight'!r}", "padding codes past cin must be 1 (zero)")
+                if kind == "hybrid":
+                    idx = arrays.get(f"{name}.int8_channels")
+                    n = 0 if idx is None or idx.ndim != 1 else idx.shape[0]
+                    idx = _expect(path, arrays, used, f"{name}.int8_channels", np.int32, (n,))
+                    if n and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= cout):
+                        _fail(path, f"tensor {name + '.int8_channels'!r}",
+                              f"must be strictly increasing indices in [0, {cout})")
+                    _expect(path, arrays, used, f"{name}.weight_int8", np.int8, (n, cin))
+                    if n and np.any(codes[idx, :cin] != 1):
+                        _fail(path, f"tensor {name + '.weight'!r}",
+                              "rows listed in int8_channels must hold zero codes")
+                wt = pointwise_weight(arrays, Node(name, op, tuple(inputs), attrs))
+            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
+            _weight_scale(path, arrays, used, name, cout)
+            _qparams(path, arrays, used, name)
+            _check_acc(path, name, b, wt, zx)
+            out = (h, w_, cout)
+        elif op == "add":
+            _choice(path, where, attrs, "activation", ACTIVATIONS)
+            if shapes[inputs[0]] != shapes[inputs[1]]:
+                _fail(path, where, f"operand shapes differ: {list(shapes[inputs[0]])} vs "
+                      f"{list(shapes[inputs[1]])}")
+            _qparams(path, arrays, used, name)
+            out = (h, w_, c)
+        elif op == "global_avg_pool":
+            _qparams(path, arrays, used, name)
+            out = (1, 1, c)
+        else:  # linear
+            cin = _num(path, where, attrs, "cin", 1, 65536, True)
+            cout = _num(path, where, attrs, "cout", 1, 65536, True)
+            if (h, w_) != (1, 1):
+                _fail(path, where, f"input must be 1x1 spatially (pooled), got {h}x{w_}")
+            if cin != c:
+                _fail(path, where, f"cin={cin} but its input has {c} channels")
+            wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, cin))
+            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
+            _weight_scale(path, arrays, used, name, cout)
+            _check_acc(path, name, b, wt, zx)
+            out = (1, 1, cout)
+        if op != "linear":
+            zps[name] = int(arrays[f"{name}.output_zero_point"][0])
+        shapes[name] = out
+        nodes.append(Node(name, op, tuple(inputs), attrs, out))
+    return nodes, used

@@ -1,0 +1,25 @@
+"""The one Numba decorator used by every kernel: lazy compile, on-disk cache, no fastmath.
+
+Importing this module imports numba but compiles nothing: kernels compile on first call and are
+cached (`cache=True`) in numba's cache directory, which `ternet.kernels` points at a writable
+user directory when the package directory is read-only.
+"""
+import os
+
+import numba
+import numpy as np
+
+# Bounds checking for debugging and CI (`NUMBA_BOUNDSCHECK=1` also works, globally).
+_BOUNDSCHECK = os.environ.get("TERNET_BOUNDSCHECK", "") == "1" or None
+_CACHE = os.environ.get("TERNET_NUMBA_CACHE", "1") != "0"
+
+U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)
+
+
+def kernel(parallel: bool = False, **kw):
+    """njit with ternet's policy. fastmath stays off: the requantization must round exactly
+    like the numpy reference (FMA contraction would change results)."""
+    opts = dict(cache=_CACHE, nogil=True, error_model="numpy", fastmath=False,
+                boundscheck=_BOUNDSCHECK, parallel=parallel)
+    opts.update(kw)
+    return numba.njit(**opts)

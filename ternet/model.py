@@ -1,0 +1,230 @@
+"""The layer-graph runner: `Model` = validated model file + layers built once + buffer arena.
+
+`predict` reads like a forward pass: one `layer.run` per graph node over preallocated NHWC
+uint8 buffers (channels padded to CH_ALIGN, rows = pixels of the whole batch + ROW_SLACK).
+Buffers are reused by liveness, so a network needs only a few of them.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import quant
+from .format import ModelFile, pointwise_weight, read_model
+from .kernels.layout import pad_to, rows_for
+from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, Shape
+from .reference import node_qparams, padding_of, requant_params, run_reference
+
+KERNEL_CHOICES = ("auto", "vnni", "avx2", "addonly", "plain", "reference")
+MAX_CHUNK = 32        # images per internal batch: bounds arena memory for huge batches
+
+
+def pointwise_impl(requested: str, weight: str) -> str:
+    """Which pointwise kernel runs a layer with `weight` in {ternary, int8, hybrid}."""
+    from .kernels import cpu
+    ternary = weight in ("ternary", "hybrid")
+    if requested == "auto":
+        if cpu.has_avx512vnni():
+            return "vnni"
+        if weight == "ternary" and cpu.has_avx2():
+            return "avx2"
+        return "addonly" if ternary else "plain"
+    if requested == "vnni":
+        if not cpu.has_avx512vnni():
+            raise RuntimeError("kernels='vnni' needs a CPU with AVX-512 VNNI; this one has none")
+        return "vnni"
+    if requested == "avx2":
+        if not cpu.has_avx2():
+            raise RuntimeError("kernels='avx2' needs a CPU with AVX2")
+        # vpmaddubsw is exact only for ternary weights: int8 rows take an exact portable kernel
+        return "avx2" if weight == "ternary" else ("addonly" if ternary else "plain")
+    if requested == "addonly":
+        return "addonly" if ternary else "plain"
+    return "plain"
+
+
+def int8_impl(requested: str) -> str:
+    """Kernel for the int8 GEMM behind the stem conv."""
+    from .kernels import cpu
+    if requested in ("auto", "vnni") and cpu.has_avx512vnni():
+        return "vnni"
+    return "plain"
+
+
+def default_threads() -> int:
+    """TERNET_NUM_THREADS, else 1: on a busy machine 2-thread regions stall (kernels.md 3.2)."""
+    env = os.environ.get("TERNET_NUM_THREADS")
+    return int(env) if env else 1
+
+
+class Model:
+    """A loaded model. `predict(x_u8[N,H,W,3]) -> float32 logits [N, num_classes]`."""
+
+    def __init__(self, mf: ModelFile, threads: int | None = None, kernels: str = "auto"):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+        self.file = mf
+        self.kernels = kernels
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._views: dict[int, list] = {}
+        self.layers, self.shapes = ([], []) if kernels == "reference" else _build(mf, kernels)
+
+    # ------------------------------------------------------------------ metadata
+    path = property(lambda self: self.file.path)
+    arch = property(lambda self: self.file.arch)
+    labels = property(lambda self: list(self.file.labels))
+    num_classes = property(lambda self: len(self.file.labels))
+    input_shape = property(lambda self: (self.file.input["height"], self.file.input["width"], 3))
+
+    def __repr__(self):
+        return f"Model({self.path!r}, arch={self.arch!r}, kernels={self.kernels!r})"
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, batch) -> np.ndarray:
+        """uint8 [N, H, W, 3] quantized input (see `preprocess`) -> float32 logits [N, classes]."""
+        x = np.asarray(batch)
+        h, w, _ = self.input_shape
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise ValueError(f"predict expects a uint8 batch of shape (N, {h}, {w}, 3) "
+                             f"(use Model.preprocess), got {x.dtype} {x.shape}")
+        if self.kernels == "reference":
+            return run_reference(self.file, x)
+        out = np.empty((x.shape[0], self.num_classes), np.float32)
+        with self._lock:
+            self._set_threads()
+            for i in range(0, x.shape[0], MAX_CHUNK):
+                self._forward(np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK])
+        return out
+
+    def _forward(self, x, logits):
+        n = x.shape[0]
+        v = self._arena(n)
+        v[0] = x.reshape(n * x.shape[1] * x.shape[2], 3)   # the graph input, unpadded
+        for layer in self.layers[:-1]:
+            layer.run(v, n)
+        self.layers[-1].run(v, n, logits)
+
+    def _set_threads(self):
+        import numba
+        t = self.threads if self.threads is not None else default_threads()
+        numba.set_num_threads(max(1, min(int(t), numba.config.NUMBA_NUM_THREADS)))
+
+    def _arena(self, n: int) -> list:
+        """2-D views [rows, cp] for every value id, over buffers shared by liveness."""
+        if n in self._views:
+            return self._views[n]
+        graph = self.file.graph
+        last_use = {}
+        for i, node in enumerate(graph):
+            for name in node.inputs:
+                last_use[name] = i
+        ids = {node.name: i + 1 for i, node in enumerate(graph)}
+        free: list[np.ndarray] = []
+        live: dict[str, np.ndarray] = {}
+        views: list = [None] * (len(graph) + 1)
+        for i, node in enumerate(graph[:-1]):     # the classifier writes the logits array
+            s = self.shapes[i + 1]
+            need = rows_for(n * s.h * s.w) * s.cp
+            free.sort(key=lambda b: b.size)
+            buf = next((b for b in free if b.size >= need), None)
+            if buf is None:
+                buf = np.zeros(need, np.uint8)
+            else:
+                free.remove(buf)
+            live[node.name] = buf
+            views[ids[node.name]] = buf[:need].reshape(-1, s.cp)
+            for name in set(node.inputs):
+                if name != "input" and last_use.get(name) == i:
+                    free.append(live.pop(name))
+        self._views[n] = views
+        return views
+
+    def warmup(self) -> float:
+        """Compile (or load from cache) every kernel by running one zero image; returns seconds."""
+        t = time.perf_counter()
+        self.predict(np.zeros((1,) + self.input_shape, np.uint8))
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------ images
+    def preprocess(self, image) -> np.ndarray:
+        """One image (path, PIL image or HxWx3 uint8 array) -> uint8 [H, W, 3] model input."""
+        from .preprocess import preprocess
+        return preprocess(image, self.file.preprocess, self.file.input)
+
+    def classify(self, image, top_k: int = 5):
+        """Top-k predictions (label, index, probability) for one image or a list of images."""
+        from .predictions import top_k as _top_k
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        logits = self.predict(np.stack([self.preprocess(im) for im in images]))
+        res = [_top_k(row, self.file.labels, top_k) for row in logits]
+        return res[0] if single else res
+
+
+def _build(mf: ModelFile, kernels: str):
+    """Layers and per-value buffer shapes (index 0 = graph input)."""
+    from .kernels.conv import make_conv
+    from .kernels.depthwise import make_depthwise
+    from .kernels.elementwise import make_add, make_gap, make_linear
+    from .kernels.pointwise import make_pointwise
+
+    h, w = mf.input["height"], mf.input["width"]
+    shapes = [Shape(h, w, 3, 3)]
+    ids = {"input": 0}
+    layers = []
+    for i, node in enumerate(mf.graph):
+        a = node.attrs
+        src = ids[node.inputs[0]]
+        s = shapes[src]
+        _, zx = node_qparams(mf, node.inputs[0])
+        oh, ow, oc = node.out_shape
+        out = Shape(oh, ow, oc, pad_to(oc))
+        if node.op in ("conv2d", "depthwise"):
+            mult, zp, lo, hi = requant_params(mf, node)
+            pt, pl, ho, wo = padding_of(node, s.h, s.w)
+            wt, b = mf.tensor(node, "weight"), mf.tensor(node, "bias")
+            if node.op == "conv2d":
+                plan = make_conv(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo,
+                                 int8_impl(kernels))
+                layers.append(Conv(src, i + 1, s, plan))
+            else:
+                plan = make_depthwise(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo)
+                layers.append(Depthwise(src, i + 1, s, out, plan))
+        elif node.op == "pointwise":
+            if src == 0:
+                raise ValueError(f"{mf.path}: node {node.name!r}: a pointwise conv on the raw "
+                                 "graph input is not supported")
+            mult, zp, lo, hi = requant_params(mf, node)
+            plan = make_pointwise(pointwise_weight(mf, node), mf.tensor(node, "bias"), zx, mult, zp,
+                                  lo, hi, pointwise_impl(kernels, a["weight"]))
+            layers.append(Pointwise(src, i + 1, s, plan))
+        elif node.op == "add":
+            sa, za = node_qparams(mf, node.inputs[0])
+            sb, zb = node_qparams(mf, node.inputs[1])
+            so, zo = node_qparams(mf, node.name)
+            ma, mb = quant.add_multipliers(sa, sb, so)
+            lo, hi = quant.activation_bounds(a["activation"], so, zo)
+            layers.append(Add(src, ids[node.inputs[1]], i + 1, s, make_add(za, ma, zb, mb, zo, lo, hi)))
+        elif node.op == "global_avg_pool":
+            s_in, _ = node_qparams(mf, node.inputs[0])
+            so, zo = node_qparams(mf, node.name)
+            plan = make_gap(zx, quant.pool_multiplier(s_in, so, s.h * s.w), zo)
+            layers.append(GlobalAvgPool(src, i + 1, s, plan))
+        else:  # linear: the graph output
+            s_in, _ = node_qparams(mf, node.inputs[0])
+            plan = make_linear(mf.tensor(node, "weight"), mf.tensor(node, "bias"), zx, s_in,
+                               mf.tensor(node, "weight_scale"), s.cp)
+            layers.append(Linear(src, plan))
+        ids[node.name] = i + 1
+        shapes.append(out)
+    return layers, shapes
+
+
+def load(name_or_path, threads: int | None = None, kernels: str = "auto") -> Model:
+    """Load a bundled model by name or a model file by path (validated; see docs/format.md)."""
+    from .models import resolve
+    return Model(read_model(resolve(name_or_path)), threads=threads, kernels=kernels)

@@ -1,0 +1,13 @@
+"""Test configuration: one Hypothesis profile for the whole suite, chosen by environment."""
+import os
+
+from hypothesis import HealthCheck, settings
+
+# deadline=None: the first example of a kernel test pays for JIT compilation.
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("quick", max_examples=10, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("TERNET_HYPOTHESIS", "ci"))
