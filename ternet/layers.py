@@ -31,7 +31,7 @@ class Conv:
     plan: object
 
     def run(self, v, n):
-        self.plan(self.src_shape.nhwc(v[self.src], n), v[self.dst], n)
+        self.plan(self.src_shape.nhwc(v[self.src], n), v[self.dst])
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Add:
     plan: object
 
     def run(self, v, n):
-        self.plan(v[self.a], v[self.b], v[self.dst], n * self.shape.h * self.shape.w * self.shape.cp)
+        self.plan(v[self.a], v[self.b], n * self.shape.h * self.shape.w, v[self.dst])
 
 
 @dataclass(frozen=True)
@@ -90,4 +90,4 @@ class Linear:
     plan: object
 
     def run(self, v, n, logits):
-        self.plan(v[self.src][:n], logits)
+        self.plan(v[self.src], n, logits)

@@ -129,12 +129,9 @@ class Model:
         for i, node in enumerate(graph[:-1]):     # the classifier writes the logits array
             s = self.shapes[i + 1]
             need = rows_for(n * s.h * s.w) * s.cp
-            free.sort(key=lambda b: b.size)
-            buf = next((b for b in free if b.size >= need), None)
-            if buf is None:
-                buf = np.zeros(need, np.uint8)
-            else:
-                free.remove(buf)
+            free.sort(key=lambda b: b.size)          # best fit
+            j = next((j for j, b in enumerate(free) if b.size >= need), None)
+            buf = np.zeros(need, np.uint8) if j is None else free.pop(j)
             live[node.name] = buf
             views[ids[node.name]] = buf[:need].reshape(-1, s.cp)
             for name in set(node.inputs):
@@ -212,12 +209,12 @@ def _build(mf: ModelFile, kernels: str):
         elif node.op == "global_avg_pool":
             s_in, _ = node_qparams(mf, node.inputs[0])
             so, zo = node_qparams(mf, node.name)
-            plan = make_gap(zx, quant.pool_multiplier(s_in, so, s.h * s.w), zo)
+            plan = make_gap(s.c, s.h * s.w, zx, quant.pool_multiplier(s_in, so, s.h * s.w), zo)
             layers.append(GlobalAvgPool(src, i + 1, s, plan))
         else:  # linear: the graph output
             s_in, _ = node_qparams(mf, node.inputs[0])
             plan = make_linear(mf.tensor(node, "weight"), mf.tensor(node, "bias"), zx, s_in,
-                               mf.tensor(node, "weight_scale"), s.cp)
+                               mf.tensor(node, "weight_scale"))
             layers.append(Linear(src, plan))
         ids[node.name] = i + 1
         shapes.append(out)

@@ -100,6 +100,9 @@ class _Builder:
         c = self.shape[src][2]
         self.tensors[f"{name}.weight"] = self.rng.integers(-127, 128, (cout, c)).astype(np.int8)
         self._common(name, cout, self.qp[src][0])
+        # logits of a few units: acc ~ sqrt(c) * SPREAD * 73 (mean |w| of uniform int8)
+        s_w = 5.0 / (np.sqrt(c) * SPREAD * 73 * self.qp[src][0]) * (0.5 + self.rng.random(cout))
+        self.tensors[f"{name}.weight_scale"] = s_w.astype(np.float32)
         self._node(name, "linear", [src], dict(cin=c, cout=cout), (1, 1, cout))
         return name
 

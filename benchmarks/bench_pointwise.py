@@ -1,0 +1,193 @@
+"""Pointwise (1x1) kernels on the 14 MobileNetV2 layers of docs/kernels.md, against onnxruntime.
+
+    flock /tmp/ternet-bench.lock .venv/bin/python benchmarks/bench_pointwise.py [--threads 1]
+
+The machine is shared: always run under that `flock` so two benchmarks never overlap, and read
+the load averages printed at the start and end. Batch 1, ternary weights with ~50% zeros,
+full-range uint8 activations. Every kernel's output is checked against the reference (ORT's
+within +-1: it rounds half to even) before timing; timings are the median of interleaved rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import numba
+import numpy as np
+
+from ternet import quant
+from ternet.kernels import cpu, vnni
+from ternet.kernels.layout import ROW_SLACK
+
+try:
+    from ternet.kernels.pointwise import make_pointwise, pointwise_ref
+except ImportError:     # the portable kernels are not there yet: only the vnni/avx2 plans
+    make_pointwise = None
+
+    def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi):
+        acc = np.asarray(bias, np.int64) + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
+        return quant.requant_ref(acc.astype(np.int32), mult, zp_out, lo, hi)
+
+# (Cin, Cout, H*W)
+LAYERS = [(32, 16, 112**2), (16, 96, 112**2), (96, 24, 56**2), (24, 144, 56**2), (144, 24, 56**2),
+          (144, 32, 28**2), (192, 32, 28**2), (32, 192, 28**2), (384, 64, 14**2), (64, 384, 14**2),
+          (576, 96, 14**2), (960, 160, 7**2), (160, 960, 7**2), (320, 1280, 7**2)]
+IMPLS = ("vnni", "avx2", "addonly", "ort")
+
+
+def make_layer(cin, cout, P, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
+    w = rng.choice(np.array([-1, 0, 1], np.int8), (cout, cin), p=[0.25, 0.5, 0.25])
+    bias = rng.integers(-2000, 2000, cout, dtype=np.int32)
+    zx, zp_out = int(rng.integers(0, 256)), int(rng.integers(64, 192))
+    acc = bias + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
+    # outputs spread over the uint8 range instead of saturating (cf. TFLite PickReasonableMultiplier)
+    mult = (rng.uniform(0.5, 1.0, cout) * 255 / max(1, acc.max() - acc.min())).astype(np.float32)
+    return x, w, bias, zx, mult, zp_out
+
+
+def make_plan(impl, w, bias, zx, mult, zp_out):
+    if make_pointwise is not None:
+        return make_pointwise(w, bias, zx, mult, zp_out, 0, 255, impl)
+    if impl in ("vnni", "avx2"):
+        return vnni.make_pw_vnni(w, bias, zx, mult, zp_out, 0, 255,
+                                 isa="avx512vnni" if impl == "vnni" else "avx2")
+    raise RuntimeError("ternet.kernels.pointwise not available")
+
+
+def ort_qlinearconv(x, w, bias, zx, mult, zp_out, side, threads):
+    """com.microsoft QLinearConv channels_last=1 (NHWC), bound to preallocated input and output.
+    x_scale = y_scale = 1 and w_scale = mult give y = acc * mult + zp_out, our requant up to ties."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    cout, cin = w.shape
+    inits = [numpy_helper.from_array(np.asarray(1.0, np.float32), "xs"),
+             numpy_helper.from_array(np.asarray(zx, np.uint8), "xz"),
+             numpy_helper.from_array(w.reshape(cout, cin, 1, 1), "W"),
+             numpy_helper.from_array(mult, "ws"),
+             numpy_helper.from_array(np.zeros(cout, np.int8), "wz"),
+             numpy_helper.from_array(np.asarray(1.0, np.float32), "ys"),
+             numpy_helper.from_array(np.asarray(zp_out, np.uint8), "yz"),
+             numpy_helper.from_array(bias, "B")]
+    node = helper.make_node("QLinearConv", ["X", "xs", "xz", "W", "ws", "wz", "ys", "yz", "B"], ["Y"],
+                            domain="com.microsoft", channels_last=1, kernel_shape=[1, 1])
+    graph = helper.make_graph(
+        [node], "pw", [helper.make_tensor_value_info("X", TensorProto.UINT8, [1, side, side, cin])],
+        [helper.make_tensor_value_info("Y", TensorProto.UINT8, [1, side, side, cout])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    xin = np.ascontiguousarray(x.reshape(1, side, side, cin))
+    yout = np.empty((1, side, side, cout), np.uint8)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(xin))
+    binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(yout))
+    return (lambda: sess.run_with_iobinding(binding)), yout.reshape(-1, cout)
+
+
+def setup_layer(cin, cout, P, impls, threads, seed):
+    """{impl: (callable, output view of the real outputs)} for the impls that can run here."""
+    x, w, bias, zx, mult, zp_out = make_layer(cin, cout, P, seed)
+    want = pointwise_ref(x, zx, w, bias, mult, zp_out, 0, 255)
+    runs, skipped = {}, {}
+    for impl in impls:
+        try:
+            if impl == "ort":
+                fn, got = ort_qlinearconv(x, w, bias, zx, mult, zp_out, math.isqrt(P), threads)
+                fn()
+                diff = np.abs(got.astype(np.int16) - want)
+                assert diff.max() <= 1, f"ORT differs from the reference by {diff.max()}"
+            else:
+                plan = make_plan(impl, w, bias, zx, mult, zp_out)
+                xb = np.zeros((P + ROW_SLACK, plan.cin_p), np.uint8)
+                xb[:P, :cin] = x
+                out = np.full((P + ROW_SLACK, plan.cout_p), 0xA5, np.uint8)
+                fn = (lambda plan=plan, xb=xb, out=out: plan(xb, P, out))
+                fn()
+                got = out[:P, :cout]
+                assert np.array_equal(got, want), f"{impl} differs from the reference"
+            runs[impl] = fn
+        except (ImportError, RuntimeError, ValueError) as e:
+            skipped[impl] = str(e).splitlines()[0][:100]
+    return runs, skipped
+
+
+def time_layer(runs, rounds, sample_s):
+    """Median and min seconds per call, rounds interleaved across the impls."""
+    reps = {}
+    for impl, fn in runs.items():                     # calibrate each sample to >= sample_s
+        n, t = 1, 0.0
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            t = time.perf_counter() - t0
+            if t >= sample_s or n >= 1 << 16:
+                break
+            n *= 2
+        reps[impl] = n
+    samples = {impl: [] for impl in runs}
+    for _ in range(rounds):
+        for impl, fn in runs.items():
+            n = reps[impl]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[impl].append((time.perf_counter() - t0) / n)
+    return {impl: (float(np.median(s)), min(s)) for impl, s in samples.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sample-ms", type=float, default=2.0, help="minimum duration of one sample")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    args = ap.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    numba.set_num_threads(args.threads)
+    print(f"threads={args.threads} rounds={args.rounds} cpu: avx512vnni={cpu.has_avx512vnni()} "
+          f"avx2={cpu.has_avx2()} loadavg(start)={os.getloadavg()}")
+    head = f"{'layer (Cin->Cout @HxW)':24}{'MMAC':>7}" + "".join(f"{i:>10}" for i in impls)
+    print(head + "   (us, median; min in the sums line)")
+    sums = {i: [0.0, 0.0] for i in impls}
+    complete = {i: True for i in impls}
+    skipped_all = {}
+    for k, (cin, cout, P) in enumerate(LAYERS):
+        runs, skipped = setup_layer(cin, cout, P, impls, args.threads, seed=k)
+        skipped_all.update(skipped)
+        res = time_layer(runs, args.rounds, args.sample_ms / 1e3)
+        cells = []
+        for i in impls:
+            if i in res:
+                sums[i][0] += res[i][0]
+                sums[i][1] += res[i][1]
+                cells.append(f"{res[i][0] * 1e6:10.1f}")
+            else:
+                complete[i] = False
+                cells.append(f"{'n/a':>10}")
+        side = math.isqrt(P)
+        print(f"{f'{cin}->{cout} @{side}x{side}':24}{cin * cout * P / 1e6:7.1f}" + "".join(cells))
+    for k, label in ((0, "sum (median)"), (1, "sum (min)")):
+        print(label.ljust(31) + "".join(
+            f"{sums[i][k] * 1e6:10.0f}" if complete[i] else f"{'n/a':>10}" for i in impls))
+    for name, (a, b) in {"vnni/ort": ("vnni", "ort"), "avx2/ort": ("avx2", "ort"),
+                         "addonly/vnni": ("addonly", "vnni"), "addonly/avx2": ("addonly", "avx2")}.items():
+        if a in impls and b in impls and complete[a] and complete[b]:
+            print(f"ratio {name}: {sums[a][0] / sums[b][0]:.2f} (median sums), "
+                  f"{sums[a][1] / sums[b][1]:.2f} (min sums)")
+    for i, why in skipped_all.items():
+        print(f"skipped {i}: {why}")
+    print(f"loadavg(end)={os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

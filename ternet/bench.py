@@ -1,0 +1,59 @@
+"""Latency benchmark of a loaded model: whole-network median and a per-layer breakdown.
+
+Compile time is reported separately (first call), warm-up runs are discarded, and the
+machine's load average is printed: on a shared 2-core machine it explains outliers.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def _median_ms(fn, rounds: int) -> tuple[float, float]:
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3), float(np.min(ts) * 1e3)
+
+
+def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
+    """{'compile_s', 'median_ms', 'min_ms', 'layers': [(name, op, median_us)], ...}."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (batch,) + model.input_shape, dtype=np.uint8)
+    t = time.perf_counter()
+    model.predict(x)
+    compile_s = time.perf_counter() - t
+    for _ in range(3):
+        model.predict(x)
+    med, best = _median_ms(lambda: model.predict(x), rounds)
+    layers = []
+    if model.kernels != "reference":
+        v = model._arena(batch)
+        v[0] = x.reshape(-1, 3)
+        logits = np.empty((batch, model.num_classes), np.float32)
+        for node, layer in zip(model.file.graph, model.layers):
+            args = (v, batch, logits) if node.op == "linear" else (v, batch)
+            us = _median_ms(lambda: layer.run(*args), max(5, rounds // 2))[0] * 1e3
+            layers.append((node.name, node.op, us))
+    return dict(batch=batch, threads=model.threads, kernels=model.kernels, compile_s=compile_s,
+                median_ms=med, min_ms=best, layers=layers, loadavg=os.getloadavg()[0])
+
+
+def format_report(r: dict, per_layer: bool = True) -> str:
+    lines = [f"kernels={r['kernels']} batch={r['batch']} threads={r['threads']}: "
+             f"median {r['median_ms']:.3f} ms, min {r['min_ms']:.3f} ms "
+             f"(first call incl. compile/cache load {r['compile_s']:.2f} s, loadavg {r['loadavg']:.2f})"]
+    if per_layer and r["layers"]:
+        total = sum(us for _, _, us in r["layers"]) or 1.0
+        by_op: dict = {}
+        for name, op, us in r["layers"]:
+            by_op[op] = by_op.get(op, 0.0) + us
+        lines.append("per op: " + ", ".join(f"{op} {us / 1e3:.3f} ms ({100 * us / total:.0f}%)"
+                                            for op, us in sorted(by_op.items(), key=lambda t: -t[1])))
+        lines.append(f"{'layer':<28}{'op':<18}{'us':>10}")
+        lines += [f"{name:<28}{op:<18}{us:>10.1f}" for name, op, us in r["layers"]]
+    return "\n".join(lines)

@@ -1,0 +1,496 @@
+"""Pointwise 1x1 conv as a register-tiled u8 x s8 GEMM micro-kernel in LLVM IR, requant fused.
+
+Buffers (docs/kernels.md): x u8[rows, Kp] (NHWC pixels), out u8[rows, Np], rows >= P + ROW_SLACK.
+Prepared weights w i8[Np/16, Kp/4, 16, 4]: one 64-byte vector holds 16 output channels x 4 input
+channels, so one K step broadcasts a pixel's activation dword (4 input channels) and multiplies
+it into 16 output channels at once (the XNNPACK/MLAS "c4" scheme). Within a pixel panel, tiles
+walk all pixels for one block of output channels, so the block's weight stripe stays in L1.
+
+The tile loops, the K loop and the epilogue are LLVM IR emitted through `numba.extending.intrinsic`
+and inlined into tiny `kernel()` drivers: plain Numba never produces `vpdpbusd` nor keeps a 2-D
+register tile (research/kernels.md 3.3). Accumulators live in entry-block allocas, which LLVM
+promotes to registers. ISAs:
+
+* avx512vnni: zmm, `vpdpbusd` (4 u8*s8 products summed into int32, not saturating); 6 px x 32 oc.
+* avx2: ymm, `vpmaddubsw` -> `vpmaddwd(1)` -> add; 4 px x 16 oc. `vpmaddubsw` saturates an int16
+  pair sum at 32767, which ternary weights cannot reach (|pair| <= 2 * 255), so: ternary only.
+* emu512: portable IR with vpdpbusd's exact semantics and the avx512vnni tiling, so the tiling
+  and epilogue are tested on CPUs without AVX-512. Slow; never chosen for inference.
+
+Importing compiles nothing; drivers compile on first call (a CPU lacking the ISA raises
+RuntimeError at that point, before any code is generated).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numba
+import numpy as np
+from llvmlite import ir
+from llvmlite import binding as llb
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .. import quant
+from . import cpu
+from ._jit import kernel
+from .layout import CH_ALIGN, ROW_SLACK, pad_to
+
+PANEL_BYTES = 1 << 15      # input + output bytes of a pixel panel (see _Emitter.chunk)
+PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
+I32_MAX = 2**31 - 1
+_U8 = np.dtype(np.uint8)
+
+_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+@dataclasses.dataclass(frozen=True)
+class Isa:
+    name: str
+    lanes: int            # int32 lanes per vector register
+    npix: int             # pixels per main tile
+    nblk: int             # 16-channel blocks per main tile
+    heights: tuple        # tile heights for the pixel tail, ascending, last == npix
+    kgroup: int = 0       # K steps summed in int16 before widening (0: products go to int32)
+
+
+# Register budget: avx512 12 zmm accumulators + 2 weight + 1 broadcast of 32; avx2 8 ymm int16
+# accumulators + 2 weight + broadcast + product = 12 of 16 in the inner loop.
+ISAS = {
+    "avx512vnni": Isa("avx512vnni", 16, 6, 2, (2, 4, 6)),
+    "avx2": Isa("avx2", 8, 4, 1, (2, 4), kgroup=64),
+    "emu512": Isa("emu512", 16, 6, 2, (2, 4, 6)),
+}
+IMPL_OF = {"avx512vnni": "vnni", "avx2": "avx2", "emu512": "emu512"}
+
+
+# ---------------------------------------------------------------------------------------------
+# IR emission
+
+def _const(v, ty=_i64):
+    return ir.Constant(ty, v)
+
+
+def _splat(b, scalar, n):
+    vty = ir.VectorType(scalar.type, n)
+    v = b.insert_element(ir.Constant(vty, ir.Undefined), scalar, _const(0, _i32))
+    return b.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+def _x86(b, name, ret, argtys):
+    """Declare (once per module) an LLVM intrinsic by its full name."""
+    return b.module.declare_intrinsic(name, fnty=ir.FunctionType(ret, argtys))
+
+
+class _Emitter:
+    """Emits one work chunk, row c of chunks: pixels [p0, p1) x output channels [o0, o1) (multiples
+    of 16)."""
+
+    def __init__(self, context, builder, isa: Isa, sig, args, panel_bytes):
+        self.b, self.isa, self.ctx, self.panel_bytes = builder, isa, context, panel_bytes
+        x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c = args
+        t = sig.args
+        self.x, self.xs = self._array(t[0], x)
+        self.w, self.ws = self._array(t[1], w)         # ws: bytes between 16-channel blocks
+        self.bias, _ = self._array(t[2], bias)
+        self.mult, _ = self._array(t[3], mult)
+        self.out, self.os = self._array(t[7], out)
+        self.acc_out = t[7].dtype == types.int32       # int32 accumulators (tests) instead of u8
+        ch, ch_stride = self._array(t[9], chunks)       # this chunk: row c = (p0, p1, o0, o1)
+        row = builder.gep(ch, [builder.mul(c, ch_stride)])
+        self.p0, self.p1, self.o0, self.o1 = (builder.load(self._ptr(row, _const(8 * k), _i64))
+                                              for k in range(4))
+        self.nkb = nkb
+        n = isa.lanes
+        self.vi, self.vf = ir.VectorType(_i32, n), ir.VectorType(_f32, n)
+        self.vnarrow = ir.VectorType(_i16, 2 * n)       # avx2's int16 partial sums
+        self.zph, self.lo, self.hi = (_splat(builder, v, n) for v in (zph, lo, hi))
+
+    def _array(self, ty, val):
+        """(i8* data, byte stride of the first axis)"""
+        a = self.ctx.make_array(ty)(self.ctx, self.b, val)
+        return self.b.bitcast(a.data, _i8.as_pointer()), cgutils.unpack_tuple(self.b, a.strides, ty.ndim)[0]
+
+    def _ptr(self, base, off, ty):
+        return self.b.bitcast(self.b.gep(base, [off]), ty.as_pointer())
+
+    def chunk(self):
+        # Pixel panels sized so a panel's input and output rows stay in L1/L2 across the passes
+        # over output-channel blocks (each pass writes only a 16-32 byte strip of every out row;
+        # without panels a 112x112 layer re-fetches its 1.2 MB output once per block). No
+        # measurable effect on Zen 3's 512 KiB L2 at these shapes; it bounds the worst case.
+        b, npix, step = self.b, self.isa.npix, 16 * self.isa.nblk
+        panel = b.udiv(_const(self.panel_bytes), b.add(self.xs, self.os))
+        panel = b.mul(b.udiv(b.add(panel, _const(npix)), _const(npix)), _const(npix))  # >= npix
+        o_main = b.add(self.o0, b.mul(b.udiv(b.sub(self.o1, self.o0), _const(step)), _const(step)))
+        with cgutils.for_range_slice(b, self.p0, self.p1, panel) as (pp, _):
+            pe = b.add(pp, panel)
+            pe = b.select(b.icmp_unsigned("<", pe, self.p1), pe, self.p1)
+            with cgutils.for_range_slice(b, self.o0, o_main, _const(step)) as (ob, _):
+                self._rows(ob, self.isa.nblk, pp, pe)
+            with cgutils.for_range_slice(b, o_main, self.o1, _const(16)) as (ob, _):  # < nblk left
+                self._rows(ob, 1, pp, pe)
+
+    def _rows(self, ob, nb, p0, p1):
+        b, npix = self.b, self.isa.npix
+        p_main = b.add(p0, b.mul(b.udiv(b.sub(p1, p0), _const(npix)), _const(npix)))
+        with cgutils.for_range_slice(b, p0, p_main, _const(npix)) as (pt, _):
+            self._tile(pt, ob, npix, nb)
+        # Tail of r < npix pixels: the smallest tile >= r; it computes at most one row past P,
+        # which the ROW_SLACK contract allows (reads and garbage writes in [P, P + 8)).
+        r = b.sub(p1, p_main)
+
+        def tail(hs):
+            if len(hs) == 1:
+                return self._tile(p_main, ob, hs[0], nb)
+            with b.if_else(b.icmp_unsigned("<=", r, _const(hs[0]))) as (small, big):
+                with small:
+                    self._tile(p_main, ob, hs[0], nb)
+                with big:
+                    tail(hs[1:])
+
+        with b.if_then(b.icmp_unsigned(">", r, _const(0))):
+            tail(self.isa.heights)
+
+    def _tile(self, pt, ob, h, nb):
+        """h pixels x nb*16 output channels: K loop into int32 registers, then the epilogue."""
+        b, n = self.b, self.isa.lanes
+        nvec = nb * 16 // n
+        chan = [b.add(ob, _const(j * n)) for j in range(nvec)]            # first channel of vector j
+        wblk = b.mul(b.udiv(ob, _const(16)), self.ws)
+        wofs = [b.add(wblk, b.add(b.mul(_const(j * n // 16), self.ws), _const(j % (16 // n) * 4 * n)))
+                for j in range(nvec)]
+        xrow = b.mul(pt, self.xs)
+        # The int32 accumulators start at the bias (saves an add per output vector).
+        bias = [b.load(self._ptr(self.bias, b.mul(c, _const(4)), self.vi), align=1) for c in chan]
+        accs = self._accumulators(self.vi, h, bias)
+
+        def k_steps(start, stop, acc):      # acc[i][j] += products of K steps [start, stop)
+            with cgutils.for_range_slice(b, start, stop, _const(1)) as (kb, _):
+                kb4 = b.mul(kb, _const(4))
+                wv = [b.load(self._ptr(self.w, b.add(wo, b.mul(kb4, _const(16))), self.vi), align=1)
+                      for wo in wofs]
+                xk = b.add(xrow, kb4)
+                for i in range(h):
+                    dword = b.load(self._ptr(self.x, b.add(xk, b.mul(_const(i), self.xs)), _i32), align=1)
+                    av = _splat(b, dword, n)
+                    for j in range(nvec):
+                        b.store(self._mac(b.load(acc[i][j]), av, wv[j]), acc[i][j])
+
+        # Headroom: |sum w*x| <= 255 * sum|w|, checked to fit int32 by the factory; vpdpbusd and the
+        # int32 adds wrap, never saturate. avx2 (ternary): a vpmaddubsw lane is a pair sum of
+        # magnitude <= 2*255 = 510, so 64 K steps fit int16 (64*510 = 32640 <= 32767); widening
+        # with vpmaddwd(1) once per 64 steps instead of every step halves the inner-loop work.
+        if self.isa.kgroup:
+            g = _const(self.isa.kgroup)
+            with cgutils.for_range_slice(b, _const(0), self.nkb, g) as (k0, _):
+                k1 = b.add(k0, g)
+                k1 = b.select(b.icmp_unsigned("<", k1, self.nkb), k1, self.nkb)
+                narrow = self._accumulators(self.vnarrow, h, [ir.Constant(self.vnarrow, None)] * nvec)
+                k_steps(k0, k1, narrow)
+                for i in range(h):
+                    for j in range(nvec):
+                        b.store(self._widen(b.load(accs[i][j]), b.load(narrow[i][j])), accs[i][j])
+        else:
+            k_steps(_const(0), self.nkb, accs)
+        # Epilogue, per quant.requant_ref: float32(acc) * m, then + (zp + 0.5) as a separate add
+        # (no contraction flags: an FMA would round once and differ), clamp to [lo, hi], floor.
+        # After the clamp 0 <= lo <= v <= hi <= 255, so floor + narrowing is exactly fptoui to i8,
+        # which LLVM lowers to cvttps2dq + pack (vpmovdb) with no rounding or masking steps.
+        mult = [b.load(self._ptr(self.mult, b.mul(c, _const(4)), self.vf), align=1) for c in chan]
+        sub = 16 // n
+        for i in range(h):
+            orow = b.mul(b.add(pt, _const(i)), self.os)
+            vals = []
+            for j in range(nvec):
+                acc = b.load(accs[i][j])
+                if self.acc_out:
+                    ofs = b.add(orow, b.mul(chan[j], _const(4)))
+                    b.store(acc, self._ptr(self.out, ofs, self.vi), align=1)
+                    continue
+                vals.append(self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), mult[j]), self.zph)))
+            qs = [b.fptoui(v, ir.VectorType(_i8, n)) for v in vals]
+            for j in range(0, len(qs), sub):       # one 16-byte store per 16 channels
+                q = qs[j] if sub == 1 else b.shuffle_vector(
+                    qs[j], qs[j + 1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+                b.store(q, self._ptr(self.out, b.add(orow, chan[j]), q.type), align=1)
+
+    def _clamp(self, v):
+        """min(max(v, lo), hi) for finite v, as vmaxps/vminps. Plain selects would do, but for
+        avx2 LLVM merges them across the 16-channel concatenation into compare+blend pairs."""
+        b = self.b
+        if self.isa.name == "avx2":
+            vmax = _x86(b, "llvm.x86.avx.max.ps.256", self.vf, [self.vf, self.vf])
+            vmin = _x86(b, "llvm.x86.avx.min.ps.256", self.vf, [self.vf, self.vf])
+            return b.call(vmin, [b.call(vmax, [v, self.lo]), self.hi])
+        v = b.select(b.fcmp_ordered("<", v, self.lo), self.lo, v)
+        return b.select(b.fcmp_ordered(">", v, self.hi), self.hi, v)
+
+    def _accumulators(self, vty, h, init):
+        """h x len(init) accumulators set to init[j]: entry-block allocas, so LLVM keeps them in
+        registers."""
+        accs = [[cgutils.alloca_once(self.b, vty) for _ in init] for _ in range(h)]
+        for row in accs:
+            for a, v in zip(row, init):
+                self.b.store(v, a)
+        return accs
+
+    def _mac(self, acc, a, w):
+        """acc + the products u8(a) * s8(w) summed per lane: 4 per int32 lane (vnni, emu512),
+        2 per int16 lane (avx2; widened now into int32 acc, or later by _widen into int16 acc)."""
+        b, name = self.b, self.isa.name
+        if name == "avx512vnni":
+            # LLVM >= 22 types the byte operands as <64 x i8>; older versions use <16 x i32>
+            # (which LLVM 22 still auto-upgrades).
+            opty = ir.VectorType(_i8, 64) if llb.llvm_version_info >= (22,) else self.vi
+            fn = _x86(b, "llvm.x86.avx512.vpdpbusd.512", self.vi, [self.vi, opty, opty])
+            return b.call(fn, [acc, b.bitcast(a, opty), b.bitcast(w, opty)])
+        if name == "avx2":
+            v32i8 = ir.VectorType(_i8, 32)
+            madd_ub = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", self.vnarrow, [v32i8, v32i8])  # u8 first
+            pairs = b.call(madd_ub, [b.bitcast(a, v32i8), b.bitcast(w, v32i8)])
+            return self._widen(acc, pairs) if acc.type == self.vi else b.add(acc, pairs)
+        # emu512: widen, multiply, and add the 4 products of each lane (exact, wrapping int32)
+        v64i8, v64i32 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 64)
+        prod = b.mul(b.zext(b.bitcast(a, v64i8), v64i32), b.sext(b.bitcast(w, v64i8), v64i32))
+        undef = ir.Constant(v64i32, ir.Undefined)
+        for k in range(4):
+            lanes = ir.Constant(ir.VectorType(_i32, 16), [4 * l + k for l in range(16)])
+            acc = b.add(acc, b.shuffle_vector(prod, undef, lanes))
+        return acc
+
+    def _widen(self, acc, narrow):
+        """acc (int32) + adjacent int16 lane pairs of `narrow` (vpmaddwd with ones)."""
+        madd_wd = _x86(self.b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
+        return self.b.add(acc, self.b.call(madd_wd, [narrow, ir.Constant(self.vnarrow, [1] * 16)]))
+
+
+def _chunk_intrinsic(isa: Isa, panel_bytes: int = PANEL_BYTES):
+    @intrinsic
+    def chunk(typingctx, x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c):
+        # Typing runs before any code generation: refuse an ISA numba's target lacks, so a CPU
+        # without it gets an exception instead of an LLVM abort or an illegal instruction.
+        if isa.name in cpu.ISA_FEATURES and not cpu.can_compile(isa.name):
+            raise RuntimeError(f"ternet: this CPU (or numba's target) lacks {isa.name}")
+        sig = types.void(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+        def codegen(context, builder, sig, args):
+            _Emitter(context, builder, isa, sig, args, panel_bytes).chunk()
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return chunk
+
+
+_chunk_vnni = _chunk_intrinsic(ISAS["avx512vnni"])
+_chunk_avx2 = _chunk_intrinsic(ISAS["avx2"])
+_chunk_emu = _chunk_intrinsic(ISAS["emu512"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers: x u8[rows, Kp], w i8[Np/16, Kp/4, 16, 4], bias i32[Np], mult f32[Np], zph/lo/hi f32,
+# out u8[rows, Np] (int32 for *_i32_*: bias-added accumulators), nkb = K steps of 4 channels,
+# chunks i64[n, 4] = (p0, p1, o0, o1) work items, each output written by exactly one of them.
+
+@kernel()
+def pw_i8_u8_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """AVX512-VNNI pointwise: u8[rows, Kp] x i8[Np/16, Kp/4, 16, 4] -> u8[rows, Np], fused requant."""
+    for c in range(chunks.shape[0]):
+        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_vnni_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """pw_i8_u8_vnni with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel()
+def pw_i8_i32_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """AVX512-VNNI pointwise accumulators: u8[rows, Kp] x i8[..] -> i32[rows, Np] (bias added)."""
+    for c in range(chunks.shape[0]):
+        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel()
+def pw_t2_u8_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """AVX2 pointwise, ternary weights: u8[rows, Kp] x i8[Np/16, Kp/4, 16, 4] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel(parallel=True)
+def pw_t2_u8_avx2_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """pw_t2_u8_avx2 with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel()
+def pw_t2_i32_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """AVX2 pointwise accumulators, ternary weights: u8[rows, Kp] x i8[..] -> i32[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel()
+def pw_i8_u8_emu512(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """Portable emulation of pw_i8_u8_vnni (same tiling, any CPU): u8[rows, Kp] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_emu512_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """pw_i8_u8_emu512 with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+@kernel()
+def pw_i8_i32_emu512(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+    """Portable emulation of pw_i8_i32_vnni: u8[rows, Kp] x i8[..] -> i32[rows, Np] (bias added)."""
+    for c in range(chunks.shape[0]):
+        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+
+
+# isa -> (serial u8, parallel u8, serial int32 accumulators)
+DRIVERS = {
+    "avx512vnni": (pw_i8_u8_vnni, pw_i8_u8_vnni_par, pw_i8_i32_vnni),
+    "avx2": (pw_t2_u8_avx2, pw_t2_u8_avx2_par, pw_t2_i32_avx2),
+    "emu512": (pw_i8_u8_emu512, pw_i8_u8_emu512_par, pw_i8_i32_emu512),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Load-time preparation and the plan
+
+def split_work(P: int, cout_p: int, cin_p: int, isa: Isa, threads: int) -> np.ndarray:
+    """Work chunks i64[n, 4] = (p0, p1, o0, o1) for `threads` threads, split along pixels or output
+    channels (whichever balances better). Interior pixel edges are multiples of the tile height so
+    only the last chunk has a tail tile (whose garbage row, if any, is row P)."""
+    whole = np.array([[0, P, 0, cout_p]], np.int64)
+    if threads <= 1 or P * cin_p * cout_p < PAR_MIN_MACS:
+        return whole
+    ostep = 16 * isa.nblk
+    tiles, oblks = -(-P // isa.npix), -(-cout_p // ostep)
+    per_t, per_o = -(-tiles // min(threads, tiles)), -(-oblks // min(threads, oblks))
+    if per_t * oblks <= tiles * per_o:
+        edges = range(0, P, per_t * isa.npix)
+        rows = [(a, min(P, a + per_t * isa.npix), 0, cout_p) for a in edges]
+    else:
+        edges = range(0, cout_p, per_o * ostep)
+        rows = [(0, P, a, min(cout_p, a + per_o * ostep)) for a in edges]
+    return np.array(rows, np.int64)
+
+
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """C-contiguous copy of `a` starting on an `align`-byte boundary (weight vectors = cache lines)."""
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def pack_weights(w: np.ndarray, cin_p: int, cout_p: int) -> np.ndarray:
+    """Canonical i8[Cout, Cin] -> zero-padded i8[Np/16, Kp/4, 16, 4] (16 oc x 4 ic per 64 bytes)."""
+    wp = np.zeros((cout_p, cin_p), np.int8)
+    wp[:w.shape[0], :w.shape[1]] = w
+    return _aligned(wp.reshape(cout_p // 16, 16, cin_p // 4, 4).transpose(0, 2, 1, 3))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PwVnniPlan:
+    """A prepared pointwise layer; `plan(x, P, out)` runs it (see make_pw_vnni)."""
+    cin: int
+    cout: int
+    cin_p: int
+    cout_p: int
+    impl: str
+    isa: str = dataclasses.field(repr=False)
+    w: np.ndarray = dataclasses.field(repr=False)
+    bias: np.ndarray = dataclasses.field(repr=False)     # zero point folded, padded
+    mult: np.ndarray = dataclasses.field(repr=False)     # padded with 0
+    zph: np.float32 = dataclasses.field(repr=False)
+    lo: np.float32 = dataclasses.field(repr=False)
+    hi: np.float32 = dataclasses.field(repr=False)
+    nkb: int = dataclasses.field(repr=False)             # K steps: ceil(cin / 4), padding skipped
+    _chunks: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def _check(self, x, P, out, out_dtype):
+        if x.shape[1] != self.cin_p or out.shape[1] != self.cout_p:
+            raise ValueError(f"expected x[:, {self.cin_p}] and out[:, {self.cout_p}], "
+                             f"got {x.shape} and {out.shape}")
+        if P < 0 or x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK:
+            raise ValueError(f"P={P} needs rows >= P + {ROW_SLACK}, got {x.shape[0]}, {out.shape[0]}")
+        if x.dtype != _U8 or out.dtype != out_dtype:
+            raise TypeError(f"expected x uint8 and out {out_dtype}, got {x.dtype} and {out.dtype}")
+
+    def _work(self, P):
+        """(driver, chunks) for P pixels. Small layers never ask for the thread count (1 us)."""
+        threads = 1 if P * self.cin_p * self.cout_p < PAR_MIN_MACS else numba.get_num_threads()
+        key = (P, threads)
+        work = self._chunks.get(key)
+        if work is None:
+            chunks = split_work(P, self.cout_p, self.cin_p, ISAS[self.isa], threads)
+            serial, par, _ = DRIVERS[self.isa]
+            work = self._chunks[key] = (par if len(chunks) > 1 else serial), chunks
+        return work
+
+    def __call__(self, x, P, out):
+        """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
+        if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
+                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0):
+            self._check(x, P, out, _U8)
+        if P:
+            driver, chunks = self._work(P)
+            driver(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, out, self.nkb, chunks)
+
+    def accumulate(self, x, P, acc):
+        """Testing aid: int32 accumulators (bias included) of rows [0, P) into acc i32[rows, cout_p]."""
+        self._check(x, P, acc, np.dtype(np.int32))
+        if P:
+            whole = np.array([[0, P, 0, self.cout_p]], np.int64)
+            DRIVERS[self.isa][2](x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, acc,
+                                 self.nkb, whole)
+
+
+def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni") -> PwVnniPlan:
+    """Prepare a pointwise layer for the VNNI/AVX2 micro-kernels from canonical tensors:
+    w int8 [Cout, Cin] (ternary = -1/0/1), raw bias int32 [Cout], input zero point zx,
+    mult float32 [Cout], output zero point and clamp bounds (see quant.py)."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown isa {isa!r}; expected one of {tuple(ISAS)}")
+    w = np.asarray(w)
+    if w.ndim != 2 or w.dtype.kind not in "iu":
+        raise ValueError(f"w must be a 2-D integer array [Cout, Cin], got {w.dtype} {w.shape}")
+    if w.size and (w.min() < -128 or w.max() > 127):
+        raise ValueError("weights must fit int8")
+    if isa == "avx2" and w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("the avx2 kernel is exact only for ternary weights {-1, 0, 1} "
+                         "(vpmaddubsw saturates int16 pair sums)")
+    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
+        raise ValueError("multipliers must be finite")
+    if not 0 <= int(lo) <= int(hi) <= 255:
+        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    if isa in cpu.ISA_FEATURES and not cpu.can_run(isa):
+        raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.best_pointwise_impl")
+    cout, cin = w.shape
+    w = w.astype(np.int8)
+    bias_f = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
+    # The kernel sums w*x over raw u8 x (zero point folded into the bias): bound the final value.
+    bound = 255 * np.abs(w.astype(np.int64)).sum(axis=1) + np.abs(bias_f.astype(np.int64))
+    if np.any(bound > I32_MAX):
+        raise OverflowError("pointwise accumulator may exceed int32")
+    cin_p, cout_p = pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN)
+    biasp = np.zeros(cout_p, np.int32)
+    biasp[:cout] = bias_f
+    multp = np.zeros(cout_p, np.float32)
+    multp[:cout] = np.asarray(mult, np.float32).reshape(-1)
+    return PwVnniPlan(cin, cout, cin_p, cout_p, IMPL_OF[isa], isa, pack_weights(w, cin_p, cout_p),
+                      biasp, multp, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
+                      -(-cin // 4))

@@ -1,0 +1,388 @@
+"""VNNI / AVX2 pointwise micro-kernels (ternet/kernels/vnni.py) == the pointwise reference, bit for bit.
+
+emu512 (portable IR with vpdpbusd's semantics and the VNNI tiling) runs everywhere; the real
+avx512vnni and avx2 kernels run where the CPU has them, and the VNNI code is also cross-compiled
+for Zen 4 to check the instructions it emits.
+"""
+import ctypes
+import mmap
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from ternet import quant
+from ternet.kernels import cpu, vnni
+from ternet.kernels.layout import ROW_SLACK
+
+try:
+    from ternet.kernels.pointwise import pointwise_ref
+except ImportError:     # the reference module is not there yet: same definition, inline
+    def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi):
+        acc = np.asarray(bias, np.int64) + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
+        assert np.abs(acc).max(initial=0) <= 2**31 - 1
+        return quant.requant_ref(acc.astype(np.int32), mult, zp_out, lo, hi)
+
+EMU = "emu512"
+VNNI = pytest.param("avx512vnni", marks=pytest.mark.skipif(not cpu.has_avx512vnni(), reason="no AVX512-VNNI"))
+AVX2 = pytest.param("avx2", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
+ISAS = [EMU, VNNI, AVX2]
+INT8_ISAS = [EMU, VNNI]           # avx2 takes ternary weights only
+POISON = 0xA5
+
+
+def ref_acc(x, zx, w, bias):
+    return np.asarray(bias, np.int64) + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
+
+
+def make_case(rng, P, cin, cout, ternary, zx):
+    """Full-range data: x has 0 and 255, int8 weights reach -128 and 127 (ternary ~50% zeros)."""
+    x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
+    x.flat[rng.integers(0, x.size, 2)] = (0, 255)
+    if ternary:
+        w = (rng.integers(-1, 2, (cout, cin)) * (rng.random((cout, cin)) < 0.75)).astype(np.int8)
+    else:
+        w = rng.integers(-128, 128, (cout, cin), dtype=np.int8)
+        w.flat[rng.integers(0, w.size, 2)] = (-128, 127)
+    bias = rng.integers(-50000, 50000, cout, dtype=np.int32)
+    return x, w, bias
+
+
+def pick_mult(rng, acc, cout):
+    """Multipliers from the observed accumulator range (TFLite's PickReasonableMultiplier idea), so
+    outputs spread over [0, 255] instead of saturating; sometimes a power of two, which makes
+    exact .5 ties (round-half-up) frequent."""
+    span = max(1, int(acc.max()) - int(acc.min()))
+    if rng.random() < 0.25:
+        return np.full(cout, 2.0 ** np.floor(np.log2(255 / span)), np.float32)
+    return (rng.uniform(0.3, 3.0, cout) * 255 / span).astype(np.float32)
+
+
+def buffers(x, P, cin_p, cout_p, rng, extra=3, out_dtype=np.uint8):
+    """x in a padded buffer with garbage in its slack rows and pad columns; a poisoned output."""
+    xb = rng.integers(0, 256, (P + ROW_SLACK, cin_p), dtype=np.uint8)
+    xb[:P, :x.shape[1]] = x
+    out = np.empty((P + ROW_SLACK + extra, cout_p), out_dtype)
+    out.view(np.uint8)[...] = POISON
+    return xb, out
+
+
+def check_untouched(out, P):
+    assert (out[P + ROW_SLACK:].view(np.uint8) == POISON).all(), "wrote past the ROW_SLACK rows"
+
+
+@st.composite
+def layers(draw):
+    """(P, Cin, Cout, zx, zp_out, lo, hi, seed): odd P down to 1, fan-in up to 1283, any Cout."""
+    P = draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 5, 7, 49])))
+    cin = draw(st.one_of(st.integers(1, 100), st.sampled_from([1280, 1283])))
+    cout = draw(st.integers(1, 80))
+    zx = draw(st.integers(0, 255))
+    zp_out = draw(st.integers(0, 255))
+    lo = draw(st.integers(0, 255))
+    hi = draw(st.integers(lo, 255))
+    return P, cin, cout, zx, zp_out, lo, hi, draw(st.integers(0, 2**32 - 1))
+
+
+def run_case(isa, ternary, P, cin, cout, zx, zp_out, lo, hi, seed):
+    rng = np.random.default_rng(seed)
+    x, w, bias = make_case(rng, P, cin, cout, ternary, zx)
+    mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
+    want = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
+    plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa)
+    assert (plan.cin, plan.cout) == (cin, cout)
+    assert (plan.cin_p, plan.cout_p) == (-(-cin // 16) * 16, -(-cout // 16) * 16)
+    xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+    plan(xb, P, out)
+    np.testing.assert_array_equal(out[:P, :cout], want)
+    pad_value = np.clip(np.floor(quant.zp_bias(zp_out)), lo, hi)     # mult = bias = 0 there
+    assert (out[:P, cout:] == pad_value).all()
+    check_untouched(out, P)
+    return plan, x, w, bias, xb
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=layers())
+def test_ternary_matches_reference(isa, case):
+    run_case(isa, True, *case)
+
+
+@pytest.mark.parametrize("isa", INT8_ISAS)
+@given(case=layers())
+def test_int8_matches_reference(isa, case):
+    run_case(isa, False, *case)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=layers(), ternary=st.booleans())
+def test_int32_accumulators_exact(isa, case, ternary):
+    ternary = ternary or isa == "avx2"
+    P, cin, cout, zx, _, _, _, seed = case
+    rng = np.random.default_rng(seed)
+    x, w, bias = make_case(rng, P, cin, cout, ternary, zx)
+    plan = vnni.make_pw_vnni(w, bias, zx, np.ones(cout, np.float32), 0, 0, 255, isa=isa)
+    xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
+    plan.accumulate(xb, P, acc)
+    np.testing.assert_array_equal(acc[:P, :cout], ref_acc(x, zx, w, bias))
+    assert (acc[:P, cout:] == 0).all()
+    check_untouched(acc, P)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_wide_layers(isa):
+    """Fan-in 1280+ and Cout 1000+ (K loop far past avx2's 64-step int16 groups)."""
+    ternary = isa == "avx2"
+    for P, cin, cout in [(7, 1280, 1001), (3, 1311, 40), (49, 320, 1280)]:
+        run_case(isa, ternary, P, cin, cout, 117, 128, 0, 255, cin + cout)
+        run_case(isa, True, P, cin, cout, 0, 3, 3, 200, cout)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=layers())
+def test_negated_weights_negate_accumulator(isa, case):
+    P, cin, cout, _, _, _, _, seed = case
+    rng = np.random.default_rng(seed)
+    x, w, _ = make_case(rng, P, cin, cout, isa == "avx2", 0)
+    w = np.maximum(w, -127)          # symmetric int8, so -w fits
+    zero, one = np.zeros(cout, np.int32), np.ones(cout, np.float32)
+    accs = []
+    for ww in (w, -w):
+        plan = vnni.make_pw_vnni(ww, zero, 0, one, 0, 0, 255, isa=isa)
+        xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
+        plan.accumulate(xb, P, acc)
+        accs.append(acc[:P])
+    np.testing.assert_array_equal(accs[1], -accs[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_zero_weights_give_bias(isa):
+    rng = np.random.default_rng(1)
+    P, cin, cout = 13, 40, 24
+    x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
+    bias = rng.integers(-300, 300, cout, dtype=np.int32)
+    mult = np.full(cout, 0.37, np.float32)
+    plan = vnni.make_pw_vnni(np.zeros((cout, cin), np.int8), bias, 77, mult, 100, 0, 255, isa=isa)
+    xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
+    plan.accumulate(xb, P, acc)
+    assert (acc[:P, :cout] == bias).all()
+    xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+    plan(xb, P, out)
+    assert (out[:P, :cout] == quant.requant_ref(np.broadcast_to(bias, (P, cout)), mult, 100, 0, 255)).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_requant_rounds_product_before_adding(isa):
+    """Accumulators whose float32 product lands a hair past -(zp - 0.5): rounding the product
+    first (the rule) gives floor(1.0) = 1, a fused multiply-add gives floor(0.99999..) = 0."""
+    rng = np.random.default_rng(7)
+    cout, zp = 512, 120
+    acc = -rng.integers(1000, 2**22, cout).astype(np.int32)          # bias-only layer: acc = bias
+    mult = ((zp - 0.5) / -acc.astype(np.float64)).astype(np.float32)
+    fused = np.floor((acc.astype(np.float64) * mult + (zp + 0.5)).astype(np.float32))
+    want = quant.requant_ref(acc[None, :], mult, zp, 0, 255)[0]
+    assert (fused != want).sum() > 20            # the test can tell the two apart
+    plan = vnni.make_pw_vnni(np.zeros((cout, 4), np.int8), acc, 0, mult, zp, 0, 255, isa=isa)
+    xb, out = buffers(np.zeros((3, 4), np.uint8), 3, plan.cin_p, plan.cout_p, rng)
+    plan(xb, 3, out)
+    assert (out[:3, :cout] == want).all()
+
+
+# ------------------------------------------------------------------ threads and work chunks
+
+@given(P=st.integers(1, 3000), cin=st.integers(1, 600), cout=st.integers(1, 1300),
+       threads=st.integers(1, 9), isa=st.sampled_from(sorted(vnni.ISAS)))
+def test_split_work_partitions_outputs(P, cin, cout, threads, isa):
+    cin_p, cout_p = -(-cin // 16) * 16, -(-cout // 16) * 16
+    spec = vnni.ISAS[isa]
+    chunks = vnni.split_work(P, cout_p, cin_p, spec, threads)
+    assert chunks.dtype == np.int64 and chunks.ndim == 2 and chunks.shape[1] == 4
+    assert 1 <= len(chunks) <= threads
+    owner = np.zeros((P, cout_p // 16), np.int64)
+    for p0, p1, o0, o1 in chunks:
+        assert 0 <= p0 < p1 <= P and 0 <= o0 < o1 <= cout_p and o0 % 16 == 0 and o1 % 16 == 0
+        assert p1 == P or (p1 - p0) % spec.npix == 0      # only the last chunk has a pixel tail
+        owner[p0:p1, o0 // 16:o1 // 16] += 1
+    assert (owner == 1).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_results_independent_of_thread_count(isa):
+    rng = np.random.default_rng(5)
+    P, cin, cout = 397, 96, 200
+    assert P * 96 * 208 >= vnni.PAR_MIN_MACS          # big enough to be split
+    x, w, bias = make_case(rng, P, cin, cout, True, 9)
+    mult = pick_mult(rng, ref_acc(x, 9, w, bias), cout)
+    plan = vnni.make_pw_vnni(w, bias, 9, mult, 30, 0, 255, isa=isa)
+    xb, _ = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+    serial, par, _ = vnni.DRIVERS[isa]
+    want = pointwise_ref(x, 9, w, bias, mult, 30, 0, 255)
+    # emu512's parallel driver takes ~10 s to compile; its chunk logic is the serial one's
+    drivers = (serial,) if isa == "emu512" else (serial, par)
+    for threads in (1, 2, 3, 4, 7):
+        chunks = vnni.split_work(P, plan.cout_p, plan.cin_p, vnni.ISAS[isa], threads)
+        assert len(chunks) == threads          # pixel or channel splits, tails included
+        for drv in drivers:
+            out = np.full((P + ROW_SLACK, plan.cout_p), POISON, np.uint8)
+            drv(xb, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, chunks)
+            np.testing.assert_array_equal(out[:P, :cout], want)
+    old = numba.get_num_threads()
+    try:
+        for t in range(1, numba.config.NUMBA_NUM_THREADS + 1 if isa != "emu512" else 2):
+            numba.set_num_threads(t)
+            out = np.full((P + ROW_SLACK, plan.cout_p), POISON, np.uint8)
+            plan(xb, P, out)
+            np.testing.assert_array_equal(out[:P, :cout], want)
+    finally:
+        numba.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ memory bounds
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mprotect")
+@pytest.mark.parametrize("isa", ISAS)
+def test_no_access_past_the_buffers(isa):
+    """x and out end right before a PROT_NONE page: any read/write past row P + ROW_SLACK faults."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    rng = np.random.default_rng(3)
+    for P, cin, cout in [(1, 20, 40), (5, 64, 16), (49, 33, 50)]:
+        x, w, bias = make_case(rng, P, cin, cout, True, 4)
+        mult = pick_mult(rng, ref_acc(x, 4, w, bias), cout)
+        plan = vnni.make_pw_vnni(w, bias, 4, mult, 10, 0, 255, isa=isa)
+        shapes = [(P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)]
+        maps, arrs = [], []
+        for shape in shapes:
+            n = shape[0] * shape[1]
+            npages = -(-n // page)
+            mm = mmap.mmap(-1, (npages + 1) * page)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            assert libc.mprotect(ctypes.c_void_p(base + npages * page), page, 0) == 0
+            arrs.append(np.frombuffer(mm, np.uint8, n, npages * page - n).reshape(shape))
+            maps.append((mm, base, npages))
+        xb, out = arrs
+        xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
+        xb[:P, :cin] = x
+        plan(xb, P, out)
+        np.testing.assert_array_equal(out[:P, :cout], pointwise_ref(x, 4, w, bias, mult, 10, 0, 255))
+        del xb, out, arrs
+        for mm, base, npages in maps:
+            libc.mprotect(ctypes.c_void_p(base + npages * page), page, 3)
+
+
+# ------------------------------------------------------------------ validation and dispatch
+
+def test_avx2_rejects_non_ternary_weights():
+    w = np.array([[1, 0, -1, 2]], np.int8)
+    with pytest.raises(ValueError, match="ternary"):
+        vnni.make_pw_vnni(w, np.zeros(1, np.int32), 0, np.ones(1, np.float32), 0, 0, 255, isa="avx2")
+
+
+def test_rejects_bad_arguments():
+    args = (np.zeros(1, np.int32), 0, np.ones(1, np.float32), 0, 0, 255)
+    with pytest.raises(ValueError):
+        vnni.make_pw_vnni(np.zeros((1, 4), np.int8), *args, isa="sse2")
+    with pytest.raises(OverflowError):
+        vnni.make_pw_vnni(np.full((1, 70000), 127, np.int16).clip(-128, 127), *args, isa="emu512")
+    plan = vnni.make_pw_vnni(np.ones((3, 5), np.int8), np.zeros(3, np.int32), 0, np.ones(3, np.float32),
+                             0, 0, 255, isa="emu512")
+    x, out = np.zeros((10, 16), np.uint8), np.zeros((10, 16), np.uint8)
+    with pytest.raises(ValueError):
+        plan(x, 3, out)                                  # 3 + ROW_SLACK > 10 rows
+    with pytest.raises(ValueError):
+        plan(np.zeros((10, 32), np.uint8), 2, out)       # wrong channel padding
+    plan(x, 0, out)                                      # nothing to do
+
+
+def test_missing_isa_raises_runtime_error(monkeypatch):
+    w = np.zeros((4, 4), np.int8)
+    args = (np.zeros(4, np.int32), 0, np.ones(4, np.float32), 0, 0, 255)
+    if cpu.has_avx512vnni():
+        monkeypatch.setattr(cpu, "can_run", lambda isa: False)
+    with pytest.raises(RuntimeError, match="avx512vnni"):
+        vnni.make_pw_vnni(w, *args, isa="avx512vnni")
+    if not cpu.can_compile("avx512vnni"):   # the compile-time guard, before any code generation
+        plan = vnni.make_pw_vnni(w, *args, isa="emu512")
+        x = np.zeros((9, 16), np.uint8)
+        with pytest.raises(RuntimeError, match="avx512vnni"):
+            vnni.pw_i8_u8_vnni(x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, x.copy(),
+                               plan.nkb, vnni.split_work(1, 16, 16, vnni.ISAS["emu512"], 1))
+
+
+def test_requested_impl_and_best_choice(monkeypatch):
+    monkeypatch.delenv("TERNET_KERNELS", raising=False)
+    assert cpu.requested_impl() == "auto"
+    monkeypatch.setenv("TERNET_KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        cpu.requested_impl()
+    monkeypatch.setenv("TERNET_KERNELS", "auto")
+    for vnni_ok, avx2_ok, ternary, want in [(True, True, True, "vnni"), (True, False, False, "vnni"),
+                                            (False, True, True, "avx2"), (False, True, False, "plain"),
+                                            (False, False, True, "addonly"), (False, False, False, "plain")]:
+        monkeypatch.setattr(cpu, "has_avx512vnni", lambda: vnni_ok)
+        monkeypatch.setattr(cpu, "has_avx2", lambda: avx2_ok)
+        assert cpu.best_pointwise_impl(ternary) == want
+    monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
+    monkeypatch.setattr(cpu, "has_avx2", lambda: True)
+    monkeypatch.setenv("TERNET_KERNELS", "plain")
+    assert cpu.best_pointwise_impl(True) == "plain"
+    monkeypatch.setenv("TERNET_KERNELS", "avx2")
+    with pytest.raises(ValueError):
+        cpu.best_pointwise_impl(False)
+    monkeypatch.setenv("TERNET_KERNELS", "vnni")
+    with pytest.raises(RuntimeError):
+        cpu.best_pointwise_impl(True)
+
+
+def test_host_features_are_consistent():
+    assert isinstance(cpu.host_features(), frozenset)
+    assert cpu.has_avx512vnni() == cpu.can_run("avx512vnni")
+    if cpu.has_avx512vnni():
+        assert {"avx512f", "avx512bw"} <= cpu.host_features()
+
+
+# ------------------------------------------------------------------ generated code
+
+_ASM_SCRIPT = """
+import re, numba, numpy as np
+from ternet.kernels import vnni
+plan = vnni.make_pw_vnni(np.ones((40, 72), np.int8), np.zeros(40, np.int32), 0,
+                         np.ones(40, np.float32), 0, 0, 255, isa="emu512")
+x, out = np.zeros((20, plan.cin_p), np.uint8), np.zeros((20, plan.cout_p), np.uint8)
+args = (x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, plan._work(12)[1])
+sig = tuple(numba.typeof(a) for a in args)
+vnni.pw_i8_u8_vnni.compile(sig)
+asm = vnni.pw_i8_u8_vnni.inspect_asm(sig)
+print(len(re.findall(r"\\bvpdpbusds?\\b", asm)), len(re.findall(r"\\bvpdpbusds\\b", asm)),
+      len(re.findall(r"%zmm", asm)), len(re.findall(r"\\bvfn?m(add|sub)", asm)))
+"""
+
+
+def test_vnni_asm_cross_compiled_for_zen4():
+    """Compile (not run) the VNNI driver for znver4: it must use vpdpbusd (never the saturating
+    vpdpbusds) on zmm registers and contain no FMA (the requant rounds mul and add separately)."""
+    import llvmlite.binding as llb
+    feats = llb.get_host_cpu_features()
+    for f in cpu.ISA_FEATURES["avx512vnni"] + ("avx512vl", "avx512dq"):
+        feats[f] = True
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=feats.flatten(),
+               TERNET_NUMBA_CACHE="0", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", _ASM_SCRIPT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n_dp, n_dps, n_zmm, n_fma = map(int, res.stdout.split()[-4:])
+    assert n_dp >= 12 and n_dps == 0 and n_zmm > 0 and n_fma == 0
+
+
+def test_import_compiles_nothing():
+    code = ("import ternet.kernels.vnni as v\n"
+            "assert all(not d.signatures for ds in v.DRIVERS.values() for d in ds)\n"
+            "assert all(not d.overloads for ds in v.DRIVERS.values() for d in ds)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
