@@ -1,0 +1,135 @@
+"""What a model file is, from its safetensors header alone (no tensor data is read).
+
+Used by `ternet models` and to pick the CLI's default model, which must stay cheap: reading
+and validating every bundled file in full just to list them would cost seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FALLBACK_DEFAULT = "efficientnet_lite0_prom"
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    path: str
+    arch: str
+    num_classes: int
+    pointwise: str            # "ternary", "int8", "hybrid", "mixed" or "-" (none)
+    top1: float | None        # percent, from ternet.metrics
+    top5: float | None
+    size_bytes: int
+    metric_key: str = ""      # where top1 came from in ternet.metrics, e.g. "dev200_top1"
+
+    @property
+    def is_imagenet(self) -> bool:
+        return self.num_classes == 1000
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "arch": self.arch,
+                "num_classes": self.num_classes, "pointwise": self.pointwise,
+                "top1": self.top1, "top5": self.top5, "metric_key": self.metric_key,
+                "size_bytes": self.size_bytes}
+
+
+def read_metadata(path) -> dict:
+    """The `__metadata__` string map of a safetensors file (header only)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+        return dict(f.metadata() or {})
+
+
+def _json(meta: dict, key: str, default):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+_REFERENCE_WORDS = ("fp32", "fp16", "float", "baseline", "reference", "teacher")
+
+
+def find_metric(metrics, which: str = "top1") -> tuple[float, str] | None:
+    """Find a top-1 (or top-5) accuracy of *this* file in a metrics object of unknown layout.
+
+    Returns (percent, key path) or None. Accepts flat or nested dicts and key spellings like
+    top1, top_1, acc@1, dev200_top1; skips accuracies of a float reference model (keys
+    mentioning fp32, float, baseline, ...); prefers entries whose key path mentions ImageNet.
+    Fractions (<= 1) are turned into percents.
+    """
+    n = which[-1]
+    found: list[tuple[bool, str, float]] = []
+
+    def walk(obj, trail: str):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{trail}/{k}" if trail else str(k))
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            low = trail.lower()
+            key = low.rsplit("/", 1)[-1].replace("_", "").replace("-", "").replace(" ", "")
+            if any(w in low for w in _REFERENCE_WORDS):
+                return
+            if key.startswith((f"top{n}", f"acc@{n}", f"acc{n}")) or key.endswith(f"top{n}"):
+                found.append(("imagenet" in low, trail, float(obj)))
+
+    walk(metrics or {}, "")
+    if not found:
+        return None
+    _, key, v = sorted(found, key=lambda t: not t[0])[0]   # an ImageNet entry first, if any
+    return (v * 100.0 if v <= 1.0 else v), key
+
+
+def metric(metrics, which: str = "top1") -> float | None:
+    """Percent accuracy from `find_metric`, or None."""
+    r = find_metric(metrics, which)
+    return None if r is None else r[0]
+
+
+def summarize(path, name: str | None = None) -> ModelSummary:
+    """Summary of one model file; raises OSError/ValueError if the header cannot be read."""
+    p = Path(path)
+    meta = read_metadata(p)
+    graph = _json(meta, "ternet.graph", [])
+    kinds = {n.get("attrs", {}).get("weight") for n in graph
+             if isinstance(n, dict) and n.get("op") == "pointwise"}
+    pointwise = "-" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
+    metrics = _json(meta, "ternet.metrics", {})
+    top1 = find_metric(metrics, "top1")
+    return ModelSummary(
+        name=name or p.name.removesuffix(".safetensors"), path=str(p),
+        arch=meta.get("ternet.arch", "?"), num_classes=len(_json(meta, "ternet.labels", [])),
+        pointwise=str(pointwise), top1=top1[0] if top1 else None, top5=metric(metrics, "top5"),
+        size_bytes=os.path.getsize(p), metric_key=top1[1] if top1 else "")
+
+
+def bundled_summaries() -> list[ModelSummary]:
+    """Summaries of the bundled models; unreadable files are left out."""
+    from .models import bundled
+    out = []
+    for m in bundled():
+        try:
+            out.append(summarize(m.path, m.name))
+        except Exception:  # a broken bundled file must not break listing or the default choice
+            continue
+    return out
+
+
+def default_model() -> str:
+    """The most accurate bundled ImageNet model whose pointwise convs are all ternary.
+
+    `TERNET_MODEL` overrides; models without a recorded top-1 rank last; with no candidate
+    the name `efficientnet_lite0_prom` is returned (its absence is reported when loading).
+    """
+    env = os.environ.get("TERNET_MODEL")
+    if env:
+        return env
+    cands = [s for s in bundled_summaries() if s.is_imagenet and s.pointwise == "ternary"]
+    if not cands:
+        return FALLBACK_DEFAULT
+    best = max(cands, key=lambda s: (s.top1 if s.top1 is not None else -1.0,
+                                     s.name == FALLBACK_DEFAULT))
+    return best.name

@@ -1,0 +1,281 @@
+"""The `ternet` command line, run as a subprocess: exit codes, output contracts, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny_model import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = ROOT / "demo" / "images" / "chelsea_cat.jpg"
+CAT_CLASSES = range(281, 286)           # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian
+REF = ["--kernels", "reference"]        # numpy reference runner: nothing to compile
+
+
+def run(*args, env=None, timeout=900, **kw):
+    e = {k: v for k, v in os.environ.items() if k not in ("TERNET_MODEL", "TERNET_DEBUG")}
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ternet", *map(str, args)], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("cli") / "tiny.safetensors")
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder with good and bad images, in sorted order: a, b(corrupt), c(empty), d, notes."""
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / "a.png")
+    (d / "b_corrupt.jpg").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    (d / "c_empty.jpg").write_bytes(b"")
+    Image.fromarray(rng.integers(0, 256, (60, 45, 3), dtype=np.uint8)).save(d / "sub" / "d.jpg")
+    (d / "notes.txt").write_text("not an image, and not an image extension\n")
+    return d
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]    # every stdout line is JSON
+
+
+# ------------------------------------------------------------------ startup, usage (exit 2)
+
+def test_import_and_help_compile_nothing():
+    code = ("import sys, ternet, ternet.cli; ternet.cli.build_parser(); "
+            "print(sorted(m for m in ('numba', 'PIL', 'safetensors') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_kernel_choices_match_the_runner():
+    from ternet.cli import KERNELS
+    from ternet.model import KERNEL_CHOICES
+    assert KERNELS == KERNEL_CHOICES
+
+
+def test_help_and_version():
+    r = run("--help")
+    assert r.returncode == 0 and "classify" in r.stdout and "info" in r.stdout
+    r = run("--version")
+    import ternet
+    assert r.returncode == 0 and r.stdout.strip() == f"ternet {ternet.__version__}"
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["classify"], ["classify", "x", "--top-k", "0"],
+                                  ["classify", "x", "--kernels", "gpu"],
+                                  ["classify", "x", "--batch-size", "two"], ["info"],
+                                  ["classify", "x", "--threads", "-1"]])
+def test_usage_errors_exit_2(args):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert "usage:" in r.stderr and r.stdout == ""
+
+
+# ------------------------------------------------------------------ classify (exit 0)
+
+def test_classify_table(tiny, photos):
+    r = run("classify", photos / "a.png", "--model", tiny, *REF, "-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""                                     # no progress: not a TTY
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == str(photos / "a.png") and len(lines) == 4
+    assert lines[1].split()[0] == "1" and lines[1].split()[1].endswith("%")
+
+
+def test_classify_json_schema(tiny, photos):
+    r = run("classify", photos / "a.png", photos / "sub" / "d.jpg", "--model", tiny, *REF,
+            "--json", "--top-k", "4")
+    assert r.returncode == 0, r.stderr
+    recs = json_lines(r.stdout)
+    assert [x["path"] for x in recs] == [str(photos / "a.png"), str(photos / "sub" / "d.jpg")]
+    for rec in recs:
+        assert set(rec) == {"path", "predictions"}
+        preds = rec["predictions"]
+        assert [p["rank"] for p in preds] == [1, 2, 3, 4]
+        assert all(set(p) == {"rank", "index", "label", "probability"} for p in preds)
+        assert all(isinstance(p["index"], int) and 0 <= p["index"] < 10 for p in preds)
+        assert all(p["label"] == f"class_{p['index']}" for p in preds)
+        probs = [p["probability"] for p in preds]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+
+
+def test_batch_size_does_not_change_results(tiny, photos):
+    args = ("classify", photos, "--model", tiny, *REF, "--json")
+    one, many = run(*args, "--batch-size", "1"), run(*args, "--batch-size", "3")
+    assert one.returncode == many.returncode == 1
+    assert json_lines(one.stdout) == json_lines(many.stdout)
+
+
+# ------------------------------------------------------------------ bad inputs (exit 1)
+
+def test_bad_images_reported_others_classified(tiny, photos):
+    missing, notes = photos / "missing.jpg", photos / "notes.txt"
+    r = run("classify", photos, missing, notes, "--model", tiny, *REF, "--json", "-b", "2")
+    assert r.returncode == 1
+    recs = json_lines(r.stdout)
+    # the directory is expanded recursively in sorted order; notes.txt is only there by name
+    assert [Path(x["path"]).name for x in recs] == ["a.png", "b_corrupt.jpg", "c_empty.jpg",
+                                                     "d.jpg", "missing.jpg", "notes.txt"]
+    ok = {Path(x["path"]).name for x in recs if "predictions" in x}
+    assert ok == {"a.png", "d.jpg"}
+    errors = {Path(x["path"]).name: x["error"] for x in recs if "error" in x}
+    assert errors["c_empty.jpg"] == "empty file"
+    assert errors["missing.jpg"] == "no such file"
+    assert errors["notes.txt"].startswith("not an image")
+    err_lines = r.stderr.strip().splitlines()
+    assert len(err_lines) == 4
+    for line in err_lines:
+        assert line.startswith("ternet: error: ") and "Traceback" not in r.stderr
+    assert f"ternet: error: {photos / 'c_empty.jpg'}: empty file" in err_lines
+
+
+def test_bad_image_table_mode(tiny, photos):
+    r = run("classify", photos / "c_empty.jpg", photos / "a.png", "--model", tiny, *REF)
+    assert r.returncode == 1
+    assert r.stdout.startswith(str(photos / "a.png"))          # only results on stdout
+    assert r.stderr.strip() == f"ternet: error: {photos / 'c_empty.jpg'}: empty file", r.stderr
+
+
+def test_empty_directory(tiny, tmp_path):
+    (tmp_path / "none").mkdir()
+    r = run("classify", tmp_path / "none", "--model", tiny, *REF)
+    assert r.returncode == 1 and "no image files found" in r.stderr
+
+
+# ------------------------------------------------------------------ bad models (exit 1)
+
+def _one_clean_line(r):
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("ternet: error: ")
+
+
+def test_missing_model(photos, tmp_path):
+    r = run("classify", photos / "a.png", "--model", tmp_path / "nope.safetensors")
+    _one_clean_line(r)
+    assert "nope.safetensors" in r.stderr
+    r = run("classify", photos / "a.png", "--model", "no_such_bundled_model")
+    _one_clean_line(r)
+    assert "no_such_bundled_model" in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage",
+                                     os.urandom(5000)])
+def test_malformed_model(photos, tmp_path, content):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    r = run("classify", photos / "a.png", "--model", bad)
+    _one_clean_line(r)
+    assert str(bad) in r.stderr
+    _one_clean_line(run("info", bad))
+
+
+def test_not_a_ternet_file(photos, tmp_path):
+    from safetensors.numpy import save_file
+    p = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(p), metadata={"format": "pt"})
+    r = run("classify", photos / "a.png", "--model", p)
+    _one_clean_line(r)
+    assert "not a ternet model file" in r.stderr
+
+
+def test_debug_shows_traceback(photos, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    r = run("classify", photos / "a.png", "--model", bad, env={"TERNET_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+# ------------------------------------------------------------------ interrupt (exit 130)
+
+def test_ctrl_c_exits_130(tiny, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for i in range(400):
+        img.save(d / f"{i:04d}.png")
+    e = {k: v for k, v in os.environ.items() if k != "TERNET_MODEL"}
+    p = subprocess.Popen([sys.executable, "-m", "ternet", "classify", str(d), "--model", str(tiny),
+                          *REF, "--json", "-b", "1"], cwd=ROOT, env=e, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()                      # it is classifying
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ other commands
+
+def test_info(tiny):
+    r = run("info", tiny)
+    assert r.returncode == 0, r.stderr
+    for text in ("stem", "MACs per image", "fp16", "Horowitz", "assumptions"):
+        assert text in r.stdout
+    d = json.loads(run("info", tiny, "--json").stdout)
+    assert d["totals"]["macs"] == sum(l["macs"] for l in d["layers"])
+    assert all(l["mults"] == 0 for l in d["layers"] if l["weight"] == "ternary")
+    assert d["energy"]["ratio_fp16_int8_accumulate"] > 1 and d["assumptions"]
+
+
+def test_info_missing_model(tmp_path):
+    _one_clean_line(run("info", tmp_path / "nope.safetensors"))
+
+
+def test_models_lists_bundled():
+    r = run("models")
+    assert r.returncode == 0, r.stderr
+    for line in run("models", "--json").stdout.splitlines():
+        rec = json.loads(line)
+        assert {"name", "path", "top1", "size_bytes", "pointwise"} <= set(rec)
+
+
+def test_bench_reference(tiny):
+    r = run("bench", "--model", tiny, *REF, "--rounds", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["batch"] == 1 and d["median_ms"] > 0 and d["kernels"] == "reference"
+
+
+def test_warmup_reference(tiny):
+    r = run("warmup", "--model", tiny, *REF)
+    assert r.returncode == 0 and "kernels ready" in r.stdout
+
+
+# ------------------------------------------------------------------ the real thing
+
+def _default_weights():
+    from ternet.catalog import bundled_summaries
+    return [s for s in bundled_summaries() if s.is_imagenet and s.pointwise == "ternary"]
+
+
+@pytest.mark.skipif(not _default_weights(),
+                    reason="no bundled ternary ImageNet weights in weights/ yet (ternet.train)")
+def test_demo_cat_is_a_cat():
+    r = run("classify", CAT, "--json")
+    assert r.returncode == 0, r.stderr
+    (rec,) = json_lines(r.stdout)
+    assert rec["predictions"][0]["index"] in CAT_CLASSES, rec
+
+
+def test_cold_cache_marker(tmp_path, monkeypatch):
+    from ternet import jitcache
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    assert not jitcache.is_warm("auto", "conv2d,linear")
+    jitcache.mark_warm("auto", "conv2d,linear")
+    assert jitcache.is_warm("auto", "conv2d,linear")
+    assert jitcache.marker("auto", "conv2d,linear").parent == tmp_path / "cache"
+    assert not jitcache.is_warm("plain", "conv2d,linear")       # other kernels: other marker
+    assert not jitcache.is_warm("auto", "conv2d,depthwise,linear")
+    assert jitcache.is_warm("reference", "anything")            # numpy only: never cold
