@@ -1,0 +1,604 @@
+"""Pointwise (1x1) conv: the numpy reference and the two portable plain-Numba kernels.
+
+Buffers (docs/kernels.md): x u8[rows, cin_p] (NHWC pixels), out u8[rows, cout_p], rows >= P + ROW_SLACK.
+
+* `pw_t2_u8_addonly`: the multiplication-free (PROM) formulation. Each output channel of a ternary
+  layer is a list of activation rows to *add*: acc[o] = bias[o] + sum_{w=+1} x_c - sum_{w=-1} x_c,
+  and -x_c = ~x_c - 255 with ~x_c = 255 - x_c (bitwise not), the -255s folded into the bias at
+  load. So a layer is one list of rows per output (x rows and ~x rows), no signs, no multiplies.
+  Non-ternary rows of a hybrid layer take the dense path below inside the same kernel.
+* `pw_i8_u8_plain`: dense int8 weights, multiply-accumulate in int32 (int8 layers on CPUs without
+  VNNI or AVX2, and the stem's im2col GEMM there).
+
+Both vectorise across pixels, but NHWC stores a pixel's channels together, so both work on pixel
+tiles: (1) transpose the tile into channel-major rows `xt[c, j]` (8x8 byte blocks transposed in
+uint64 registers, SWAR); (2) per output channel, add (or multiply-add) whole rows, 8 rows per pass
+over an accumulator row; (3) requantize the row; (4) every 8 output rows, transpose back to NHWC.
+LLVM only vectorises innermost loops, so accumulators live in L1, not registers: a pass over 8
+rows amortises one accumulator load/store (research/kernels.md 3.3, 7).
+
+Importing compiles nothing; kernels compile on first call (tile sizes 128 and 64 are separate
+specialisations: 7x7 layers would waste 62% of a 128-pixel tile).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numba
+import numpy as np
+from numba import prange
+
+from .. import quant
+from ._jit import U, kernel
+from .layout import CH_ALIGN, ROW_SLACK, pad_to
+
+TILE = 128          # pixels per tile and the row stride of the channel-major scratch
+CHUNK = 128         # rows summed in int16 before widening: 128 * 255 = 32640 <= 32767
+PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
+IMPLS = ("vnni", "avx2", "addonly", "plain")
+I32_MAX = 2**31 - 1
+_U8 = np.dtype(np.uint8)
+
+# SWAR masks for the 8x8 byte transpose (swap bytes, then 16-bit pairs, then 32-bit halves)
+_M8 = U(0x00FF00FF00FF00FF)
+_M16 = U(0x0000FFFF0000FFFF)
+_M32 = U(0x00000000FFFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# References (canonical tensors: unpadded, zero point explicit)
+
+def pointwise_acc_ref(x, zx, w, bias) -> np.ndarray:
+    """x u8[P, Cin], zx int, w i8[Cout, Cin], bias i32[Cout] -> i32[P, Cout] = bias + sum w*(x-zx)."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    acc = (x.astype(np.int64) - np.int64(zx)) @ w.T.astype(np.int64) + np.asarray(bias, np.int64)
+    assert acc.size == 0 or np.abs(acc).max() <= I32_MAX, "accumulator exceeds int32"
+    return acc.astype(np.int32)
+
+
+def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi) -> np.ndarray:
+    """x u8[P, Cin], w i8[Cout, Cin], bias i32[Cout], mult f32[Cout] -> u8[P, Cout] (quant.py rule)."""
+    return quant.requant_ref(pointwise_acc_ref(x, zx, w, bias), mult, zp_out, lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+@kernel(inline="always")
+def _tr8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Transpose the 8x8 byte matrix held in 8 uint64 (byte b of word i -> byte i of word b)."""
+    t = ((a0 >> U(8)) ^ a1) & _M8
+    a1 ^= t
+    a0 ^= t << U(8)
+    t = ((a2 >> U(8)) ^ a3) & _M8
+    a3 ^= t
+    a2 ^= t << U(8)
+    t = ((a4 >> U(8)) ^ a5) & _M8
+    a5 ^= t
+    a4 ^= t << U(8)
+    t = ((a6 >> U(8)) ^ a7) & _M8
+    a7 ^= t
+    a6 ^= t << U(8)
+    t = ((a0 >> U(16)) ^ a2) & _M16
+    a2 ^= t
+    a0 ^= t << U(16)
+    t = ((a1 >> U(16)) ^ a3) & _M16
+    a3 ^= t
+    a1 ^= t << U(16)
+    t = ((a4 >> U(16)) ^ a6) & _M16
+    a6 ^= t
+    a4 ^= t << U(16)
+    t = ((a5 >> U(16)) ^ a7) & _M16
+    a7 ^= t
+    a5 ^= t << U(16)
+    t = ((a0 >> U(32)) ^ a4) & _M32
+    a4 ^= t
+    a0 ^= t << U(32)
+    t = ((a1 >> U(32)) ^ a5) & _M32
+    a5 ^= t
+    a1 ^= t << U(32)
+    t = ((a2 >> U(32)) ^ a6) & _M32
+    a6 ^= t
+    a2 ^= t << U(32)
+    t = ((a3 >> U(32)) ^ a7) & _M32
+    a7 ^= t
+    a3 ^= t << U(32)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@kernel()
+def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
+              compl, out, out32, xt, acc16, acc32, yt, TL):
+    """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P.
+
+    Scratch: xt u8[(2*cin_p + 1) * TILE] rows x_c (c < cin_p), ~x_c (cin_p + c), a zero row
+    (2*cin_p, never written); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output rows).
+    Per output o: dense list dptr[o]:dptr[o+1] of (row, weight) in groups of 4, else ternary
+    chunks tptr[o]:tptr[o+1], each a range of trows (<= CHUNK real rows, padded to 4 with the
+    zero row). Results go to out u8[rows, cout_p] or, if out32 has rows (tests), to out32
+    i32[rows, cout_p] as int32 accumulators. TL (tile length) is a compile-time literal; every
+    other flag is a runtime value so that all drivers share the two compiled specialisations."""
+    I32 = out32.shape[0] > 0
+    x64 = x.view(np.uint64)         # [rows, cin_p/8]: 8 channels of one pixel per word
+    xt64 = xt.view(np.uint64)       # rows of TILE/8 words: 8 pixels of one channel per word
+    yt64 = yt.view(np.uint64)       # 8 rows of TL/8 words
+    out64 = out.view(np.uint64)     # [rows, cout_p/8] (u8 output)
+    kw = U(x64.shape[1])
+    cin_p = U(8) * kw
+    ngo = U(bias.shape[0] // 8)     # 8-channel output groups
+    tl = U(TL)                      # unsigned loop bounds: j indexes without sign checks
+    rs = U(TILE)                    # scratch row stride (bytes)
+    ws = U(TILE // 8)               # scratch row stride (words)
+    tw = U(TL // 8)                 # yt row stride (words)
+    u1, u2, u3, u4, u5, u6, u7, u8 = U(1), U(2), U(3), U(4), U(5), U(6), U(7), U(8)
+    flo = np.float32(lo)
+    fhi = np.float32(hi)
+    for tile in range(U(ntiles)):
+        p0 = U(p_start) + tile * tl
+        nvalid = min(tl, U(P) - p0)
+        ngrp = (nvalid + u7) // u8      # rows up to ceil8(P) <= P + 7: inside ROW_SLACK
+        # (1) NHWC tile -> channel-major rows
+        for g in range(ngrp):
+            r = p0 + u8 * g
+            for k in range(kw):
+                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                    x64[r, k], x64[r + u1, k], x64[r + u2, k], x64[r + u3, k],
+                    x64[r + u4, k], x64[r + u5, k], x64[r + u6, k], x64[r + u7, k])
+                d = u8 * k * ws + g
+                xt64[d] = b0
+                xt64[d + ws] = b1
+                xt64[d + u2 * ws] = b2
+                xt64[d + u3 * ws] = b3
+                xt64[d + u4 * ws] = b4
+                xt64[d + u5 * ws] = b5
+                xt64[d + u6 * ws] = b6
+                xt64[d + u7 * ws] = b7
+        if compl:       # ~x rows: subtracting x_c becomes adding ~x_c (the -255 is in the bias)
+            for c in range(cin_p):
+                s = c * rs
+                d = (cin_p + c) * rs
+                for j in range(tl):
+                    xt[d + j] = xt[s + j] ^ np.uint8(255)
+        for og in range(ngo):
+            for oo in range(u8):
+                o = u8 * og + oo
+                bo = bias[o]
+                src = 2         # where the result is: 0 bias only, 1 bias + acc16, 2 acc32
+                a = dptr[o]
+                e = dptr[o + u1]
+                if a < e:       # dense row: int32 multiply-accumulate, 4 rows per pass
+                    for j in range(tl):
+                        acc32[j] = bo
+                    while a < e:
+                        r0 = U(drows[a]) * rs
+                        r1 = U(drows[a + u1]) * rs
+                        r2 = U(drows[a + u2]) * rs
+                        r3 = U(drows[a + u3]) * rs
+                        # int16 weights: LLVM sees 16-bit factors and may use vpmaddwd
+                        w0 = np.int32(dw[a])
+                        w1 = np.int32(dw[a + u1])
+                        w2 = np.int32(dw[a + u2])
+                        w3 = np.int32(dw[a + u3])
+                        for j in range(tl):     # |acc| < 2**31: the loader checks the bound
+                            acc32[j] = np.int32(acc32[j] + ((np.int32(xt[r0 + j]) * w0
+                                                             + np.int32(xt[r1 + j]) * w1)
+                                                            + (np.int32(xt[r2 + j]) * w2
+                                                               + np.int32(xt[r3 + j]) * w3)))
+                        a += u4
+                else:
+                    k0 = tptr[o]
+                    k1 = tptr[o + u1]
+                    src = 0 if k1 == k0 else (1 if k1 == k0 + u1 and not I32 else 2)
+                    for k in range(k0, k1):
+                        a = tchunks[k, 0]
+                        e = tchunks[k, 1]
+                        # int16 partial sum of <= CHUNK rows of u8: 0 <= acc16 <= 128*255 = 32640
+                        # (LLVM narrows the u8 sums to 16-bit lanes: the store truncates them)
+                        if a + u8 <= e:     # the first pass stores instead of adding
+                            r0 = U(trows[a]) * rs
+                            r1 = U(trows[a + u1]) * rs
+                            r2 = U(trows[a + u2]) * rs
+                            r3 = U(trows[a + u3]) * rs
+                            r4 = U(trows[a + u4]) * rs
+                            r5 = U(trows[a + u5]) * rs
+                            r6 = U(trows[a + u6]) * rs
+                            r7 = U(trows[a + u7]) * rs
+                            for j in range(tl):
+                                acc16[j] = np.int16(((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
+                                                    + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j])))
+                            a += u8
+                        else:
+                            for j in range(tl):
+                                acc16[j] = 0
+                        while a + u8 <= e:
+                            r0 = U(trows[a]) * rs
+                            r1 = U(trows[a + u1]) * rs
+                            r2 = U(trows[a + u2]) * rs
+                            r3 = U(trows[a + u3]) * rs
+                            r4 = U(trows[a + u4]) * rs
+                            r5 = U(trows[a + u5]) * rs
+                            r6 = U(trows[a + u6]) * rs
+                            r7 = U(trows[a + u7]) * rs
+                            for j in range(tl):
+                                acc16[j] = np.int16(acc16[j] + (((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
+                                                                + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j]))))
+                            a += u8
+                        if a < e:           # chunks are padded to a multiple of 4 rows
+                            r0 = U(trows[a]) * rs
+                            r1 = U(trows[a + u1]) * rs
+                            r2 = U(trows[a + u2]) * rs
+                            r3 = U(trows[a + u3]) * rs
+                            for j in range(tl):
+                                acc16[j] = np.int16(acc16[j] + ((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j])))
+                        if src == 2:    # widen: acc32 = bias + sum of chunks (int32 wraps mod 2**32
+                            if k == k0:  # like any int32 sum; the final value fits: loader check)
+                                for j in range(tl):
+                                    acc32[j] = np.int32(bo + acc16[j])
+                            else:
+                                for j in range(tl):
+                                    acc32[j] = np.int32(acc32[j] + acc16[j])
+                    if src == 0 and I32:
+                        for j in range(tl):
+                            acc32[j] = bo
+                        src = 2
+                if I32:
+                    for j in range(nvalid):
+                        out32[p0 + j, o] = acc32[j]
+                    continue
+                # (3) requantize (quant.py rule: float32 mul, then add, no FMA; clamp; floor == trunc
+                # because the clamped value is >= lo >= 0)
+                m = mult[o]
+                yo = oo * tl
+                if src == 1:
+                    for j in range(tl):
+                        v = np.float32(np.int32(bo + acc16[j])) * m + zph
+                        yt[yo + j] = np.uint8(min(max(v, flo), fhi))
+                elif src == 2:
+                    for j in range(tl):
+                        v = np.float32(acc32[j]) * m + zph
+                        yt[yo + j] = np.uint8(min(max(v, flo), fhi))
+                else:
+                    v = min(max(np.float32(bo) * m + zph, flo), fhi)
+                    for j in range(tl):
+                        yt[yo + j] = np.uint8(v)
+            if I32:
+                continue
+            # (4) 8 requantized rows -> NHWC. The 8x8 transposes run in place in yt (word g of
+            # each row holds pixel group g), a loop LLVM vectorises across g; then each word
+            # (8 channels of a pixel) is stored to its output row.
+            for g in range(ngrp):
+                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                    yt64[g], yt64[g + tw], yt64[g + u2 * tw], yt64[g + u3 * tw],
+                    yt64[g + u4 * tw], yt64[g + u5 * tw], yt64[g + u6 * tw], yt64[g + u7 * tw])
+                yt64[g] = b0
+                yt64[g + tw] = b1
+                yt64[g + u2 * tw] = b2
+                yt64[g + u3 * tw] = b3
+                yt64[g + u4 * tw] = b4
+                yt64[g + u5 * tw] = b5
+                yt64[g + u6 * tw] = b6
+                yt64[g + u7 * tw] = b7
+            for g in range(ngrp):
+                r = p0 + u8 * g
+                out64[r, og] = yt64[g]
+                out64[r + u1, og] = yt64[g + tw]
+                out64[r + u2, og] = yt64[g + u2 * tw]
+                out64[r + u3, og] = yt64[g + u3 * tw]
+                out64[r + u4, og] = yt64[g + u4 * tw]
+                out64[r + u5, og] = yt64[g + u5 * tw]
+                out64[r + u6, og] = yt64[g + u6 * tw]
+                out64[r + u7, og] = yt64[g + u7 * tw]
+
+
+@kernel()
+def _pw_range(x, P, p0, p1, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
+              out, out32, xt, acc16, acc32, yt):
+    """Pixels [p0, p1), p0 a multiple of TILE, p1 a multiple of TILE or P: 128-pixel tiles, but
+    a tail of <= 64 pixels (e.g. 7x7 = 49) takes a 64-pixel tile (a 128 one would waste 62%)."""
+    n = (p1 - p0) // TILE
+    r = p1 - p0 - n * TILE
+    if r > 64:
+        n += 1
+        r = 0
+    if n > 0:
+        _pw_tiles(x, P, p0, n, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
+                  compl, out, out32, xt, acc16, acc32, yt, 128)
+    if r > 0:       # ntiles = 1 as a runtime value: a literal 1 would compile another copy
+        _pw_tiles(x, P, p0 + n * TILE, (r + 63) // 64, tptr, tchunks, trows, dptr, drows, dw, bias,
+                  mult, zph, lo, hi, compl, out, out32, xt, acc16, acc32, yt, 64)
+
+
+@kernel()
+def pw_t2_u8_addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
+                     out, xt, acc16, acc32, yt, work):
+    """x u8[rows, cin_p], ternary index lists (+ dense hybrid rows) -> out u8[rows, cout_p], over
+    pixel ranges work i64[n, 2] (starts multiples of TILE); scratch 1-D (one thread)."""
+    no32 = np.zeros((0, 1), np.int32)
+    for t in range(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, out, no32, xt, acc16, acc32, yt)
+
+
+@kernel(parallel=True)
+def pw_t2_u8_addonly_par(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
+                         compl, out, xt, acc16, acc32, yt, work):
+    """pw_t2_u8_addonly, one work range per thread; scratch [threads, ...]."""
+    no32 = np.zeros((0, 1), np.int32)
+    for t in prange(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, out, no32, xt[t], acc16[t], acc32[t], yt[t])
+
+
+@kernel()
+def pw_t2_i32_addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
+                      out32, xt, acc16, acc32, yt, work):
+    """Testing aid: pw_t2_u8_addonly's int32 accumulators (bias included) -> out32 i32[rows, cout_p]."""
+    no8 = np.zeros((0, 8), np.uint8)
+    for t in range(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, no8, out32, xt, acc16, acc32, yt)
+
+
+@kernel()
+def pw_i8_u8_plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt, work):
+    """x u8[rows, cin_p], dense int8 rows as (row, weight) lists -> out u8[rows, cout_p], over
+    pixel ranges work i64[n, 2]; scratch 1-D (one thread)."""
+    tptr = np.zeros(dptr.shape[0], np.uint64)       # no ternary rows
+    tchunks = np.zeros((1, 2), np.uint64)
+    trows = np.zeros(1, np.uint16)
+    no32 = np.zeros((0, 1), np.int32)
+    compl = work.shape[0] < 0       # False, but not a literal (that would compile its own copy)
+    for t in range(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, out, no32, xt, acc16, acc32, yt)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_plain_par(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt,
+                       work):
+    """pw_i8_u8_plain, one work range per thread; scratch [threads, ...]."""
+    tptr = np.zeros(dptr.shape[0], np.uint64)
+    tchunks = np.zeros((1, 2), np.uint64)
+    trows = np.zeros(1, np.uint16)
+    no32 = np.zeros((0, 1), np.int32)
+    compl = work.shape[0] < 0
+    for t in prange(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, out, no32, xt[t], acc16[t], acc32[t], yt[t])
+
+
+@kernel()
+def pw_i8_i32_plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out32, xt, acc16, acc32, yt,
+                    work):
+    """Testing aid: pw_i8_u8_plain's int32 accumulators (bias included) -> out32 i32[rows, cout_p]."""
+    tptr = np.zeros(dptr.shape[0], np.uint64)
+    tchunks = np.zeros((1, 2), np.uint64)
+    trows = np.zeros(1, np.uint16)
+    no8 = np.zeros((0, 8), np.uint8)
+    compl = work.shape[0] < 0
+    for t in range(work.shape[0]):
+        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
+                  zph, lo, hi, compl, no8, out32, xt, acc16, acc32, yt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load-time preparation and the plans
+
+def _lists_dense(w, rows_of, zero_row, sel):
+    """(ptr u64[Cout_p+1], rows u16, weights i16) of the nonzero weights of rows `sel`, 4 per group."""
+    cout_p = len(sel)
+    ptr = np.zeros(cout_p + 1, np.uint64)
+    rows, wts = [], []
+    for o in range(cout_p):
+        if sel[o]:
+            cs = np.flatnonzero(w[o])
+            pad = -len(cs) % 4
+            rows.append(np.concatenate([rows_of[cs], np.full(pad, zero_row)]))
+            wts.append(np.concatenate([w[o, cs], np.zeros(pad, np.int64)]))
+            ptr[o + 1] = ptr[o] + len(cs) + pad
+        else:
+            ptr[o + 1] = ptr[o]
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+    return ptr, cat(rows, np.uint16), cat(wts, np.int16)
+
+
+def _lists_ternary(w, cin_p, sel):
+    """Index lists of the ternary rows `sel`: (ptr u64[Cout_p+1] into chunks, chunks u64[n, 2]
+    ranges of rows u16 (x_c = c, ~x_c = cin_p + c, zero row 2*cin_p), n_minus i64[Cout_p])."""
+    cout_p = len(sel)
+    zero_row = 2 * cin_p
+    ptr = np.zeros(cout_p + 1, np.uint64)
+    nminus = np.zeros(cout_p, np.int64)
+    chunks, rows = [], []
+    n = 0
+    for o in range(cout_p):
+        if sel[o]:
+            plus, minus = np.flatnonzero(w[o] == 1), np.flatnonzero(w[o] == -1)
+            nminus[o] = len(minus)
+            # sorted by channel: x_c before ~x_c; the chunking keeps each partial sum <= CHUNK rows
+            r = np.concatenate([plus, cin_p + minus])
+            for s in range(0, len(r), CHUNK):
+                part = r[s:s + CHUNK]
+                part = np.concatenate([part, np.full(-len(part) % 4, zero_row)])
+                chunks.append((n, n + len(part)))
+                rows.append(part)
+                n += len(part)
+        ptr[o + 1] = len(chunks)
+    chunks = np.array(chunks, np.uint64).reshape(-1, 2)
+    rows = np.concatenate(rows).astype(np.uint16) if rows else np.zeros(0, np.uint16)
+    return ptr, chunks, rows, nminus
+
+
+def _check_layer(w, mult, lo, hi):
+    w = np.asarray(w)
+    if w.ndim != 2 or w.dtype.kind not in "iu":
+        raise ValueError(f"w must be a 2-D integer array [Cout, Cin], got {w.dtype} {w.shape}")
+    if w.size and (w.min() < -128 or w.max() > 127):
+        raise ValueError("weights must fit int8")
+    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
+        raise ValueError("multipliers must be finite")
+    if not 0 <= int(lo) <= int(hi) <= 255:
+        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    cout, cin = w.shape
+    if 2 * pad_to(cin, CH_ALIGN) + 1 > np.iinfo(np.uint16).max:
+        raise ValueError(f"Cin={cin} too large for 16-bit row indices")
+    return w.astype(np.int64)
+
+
+def _folded_bias(w, bias, zx):
+    """Zero point folded into the bias; the final accumulator is checked to fit int32."""
+    bias_f = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
+    bound = 255 * np.abs(w).sum(axis=1) + np.abs(bias_f.astype(np.int64))
+    if np.any(bound > I32_MAX):
+        raise OverflowError("pointwise accumulator may exceed int32")
+    return bias_f.astype(np.int64)
+
+
+def split_work(P: int, threads: int) -> np.ndarray:
+    """Pixel ranges i64[n, 2], n <= threads, starts multiples of TILE (only the last has a tail)."""
+    tiles = -(-P // TILE)
+    n = max(1, min(threads, tiles))
+    edges = [TILE * (tiles * i // n) for i in range(n)] + [P]
+    return np.array([(edges[i], min(P, edges[i + 1])) for i in range(n)], np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PwPlainPlan:
+    """A prepared pointwise layer for the plain-Numba kernels; `plan(x, P, out)` runs it.
+
+    impl "addonly": ternary rows as index lists (hybrid layers: non-ternary rows dense);
+    impl "plain": every row dense. Owns per-thread scratch, so one plan must not run in two
+    Python threads at once."""
+    cin: int
+    cout: int
+    cin_p: int
+    cout_p: int
+    impl: str
+    tptr: np.ndarray = dataclasses.field(repr=False)      # ternary rows: chunk ranges per output
+    tchunks: np.ndarray = dataclasses.field(repr=False)   # u64[n, 2] ranges of trows
+    trows: np.ndarray = dataclasses.field(repr=False)     # u16 scratch rows to add
+    dptr: np.ndarray = dataclasses.field(repr=False)      # dense rows: ranges of drows/dw per output
+    drows: np.ndarray = dataclasses.field(repr=False)     # u16
+    dw: np.ndarray = dataclasses.field(repr=False)        # i16 weights
+    bias: np.ndarray = dataclasses.field(repr=False)      # i32, zero point (and -255s) folded, padded
+    mult: np.ndarray = dataclasses.field(repr=False)      # f32, padded with 0
+    zph: np.float32 = dataclasses.field(repr=False)
+    lo: np.float32 = dataclasses.field(repr=False)
+    hi: np.float32 = dataclasses.field(repr=False)
+    compl: bool = dataclasses.field(repr=False)           # some ternary row has a -1
+    scratch: tuple = dataclasses.field(repr=False)        # (xt, acc16, acc32, yt), [threads, ...]
+    _work_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def _check(self, x, P, out, out_dtype):
+        if x.shape[1] != self.cin_p or out.shape[1] != self.cout_p:
+            raise ValueError(f"expected x[:, {self.cin_p}] and out[:, {self.cout_p}], "
+                             f"got {x.shape} and {out.shape}")
+        if P < 0 or x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK:
+            raise ValueError(f"P={P} needs rows >= P + {ROW_SLACK}, got {x.shape[0]}, {out.shape[0]}")
+        if x.dtype != _U8 or out.dtype != out_dtype:
+            raise TypeError(f"expected x uint8 and out {out_dtype}, got {x.dtype} and {out.dtype}")
+        if not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError("x and out must be C-contiguous")
+
+    def _work(self, P, parallel=True):
+        """Pixel ranges for P pixels. Small layers never ask for the thread count (1 us)."""
+        threads = 1
+        if parallel and P * self.cin_p * self.cout_p >= PAR_MIN_MACS:
+            threads = min(numba.get_num_threads(), self.scratch[0].shape[0])
+        key = (P, threads)
+        work = self._work_cache.get(key)
+        if work is None:
+            work = self._work_cache[key] = split_work(P, threads)
+        return work
+
+    def __call__(self, x, P, out):
+        """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
+        if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
+                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0
+                or not x.flags.c_contiguous or not out.flags.c_contiguous):
+            self._check(x, P, out, _U8)
+        if not P:
+            return
+        work = self._work(P)
+        xt, a16, a32, yt = self.scratch
+        if self.impl == "addonly":
+            args = (x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows, self.dw,
+                    self.bias, self.mult, self.zph, self.lo, self.hi, self.compl, out)
+            if len(work) == 1:
+                pw_t2_u8_addonly(*args, xt[0], a16[0], a32[0], yt[0], work)
+            else:
+                pw_t2_u8_addonly_par(*args, xt, a16, a32, yt, work)
+        else:
+            args = (x, P, self.dptr, self.drows, self.dw, self.bias, self.mult, self.zph, self.lo,
+                    self.hi, out)
+            if len(work) == 1:
+                pw_i8_u8_plain(*args, xt[0], a16[0], a32[0], yt[0], work)
+            else:
+                pw_i8_u8_plain_par(*args, xt, a16, a32, yt, work)
+
+    def accumulate(self, x, P, acc):
+        """Testing aid: int32 accumulators (bias included) of rows [0, P) into acc i32[rows, cout_p]
+        (the add-only kernel's -255 offsets and ~x rows cancel: these are the true accumulators)."""
+        self._check(x, P, acc, np.dtype(np.int32))
+        if not P:
+            return
+        work = self._work(P, parallel=False)
+        xt, a16, a32, yt = self.scratch
+        if self.impl == "addonly":
+            pw_t2_i32_addonly(x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows,
+                              self.dw, self.bias, self.mult, self.zph, self.lo, self.hi, self.compl,
+                              acc, xt[0], a16[0], a32[0], yt[0], work)
+        else:
+            pw_i8_i32_plain(x, P, self.dptr, self.drows, self.dw, self.bias, self.mult, self.zph,
+                            self.lo, self.hi, acc, xt[0], a16[0], a32[0], yt[0], work)
+
+
+def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
+    w = _check_layer(w, mult, lo, hi)
+    cout, cin = w.shape
+    cin_p, cout_p = pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN)
+    wp = np.zeros((cout_p, cin_p), np.int64)
+    wp[:cout, :cin] = w
+    bias_p = np.zeros(cout_p, np.int64)
+    bias_p[:cout] = _folded_bias(w, bias, zx)
+    ternary = np.all((wp >= -1) & (wp <= 1), axis=1) if impl == "addonly" else np.zeros(cout_p, bool)
+    tptr, tchunks, trows, nminus = _lists_ternary(wp, cin_p, ternary)
+    dptr, drows, dw = _lists_dense(wp, np.arange(cin_p), 2 * cin_p, ~ternary)
+    # -x_c = ~x_c - 255 for every -1 (module doc); stored mod 2**32 like the kernel's int32 sums
+    bias_k = ((bias_p - 255 * nminus + 2**31) % 2**32 - 2**31).astype(np.int32)
+    mult_p = np.zeros(cout_p, np.float32)
+    mult_p[:cout] = np.asarray(mult, np.float32).reshape(-1)
+    threads = numba.config.NUMBA_NUM_THREADS
+    scratch = (np.zeros((threads, (2 * cin_p + 1) * TILE), np.uint8),
+               np.zeros((threads, TILE), np.int16),
+               np.zeros((threads, TILE), np.int32),
+               np.zeros((threads, 8 * TILE), np.uint8))
+    return PwPlainPlan(cin, cout, cin_p, cout_p, impl, tptr, tchunks, trows, dptr, drows, dw,
+                       bias_k, mult_p, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
+                       bool(nminus.any()), scratch)
+
+
+def make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
+    """Plan for pw_t2_u8_addonly from canonical tensors: w int8 [Cout, Cin] (ternary rows become
+    index lists; other rows, if any, run dense), raw bias int32 [Cout], input zero point zx,
+    mult float32 [Cout], output zero point and clamp bounds (see quant.py)."""
+    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "addonly")
+
+
+def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
+    """Plan for pw_i8_u8_plain (dense int8) from canonical tensors, arguments as make_pw_addonly."""
+    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "plain")
+
+
+def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
+    """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.best_pointwise_impl)."""
+    if impl in ("vnni", "avx2"):
+        from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
+        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi,
+                            isa="avx512vnni" if impl == "vnni" else "avx2")
+    if impl == "addonly":
+        return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi)
+    if impl == "plain":
+        return make_pw_plain(w, bias, zx, mult, zp_out, lo, hi)
+    raise ValueError(f"unknown pointwise impl {impl!r}; expected one of {IMPLS}")
