@@ -29,8 +29,8 @@ def pointwise_impl(requested: str, weight: str) -> str:
     if requested == "auto":
         if cpu.has_avx512vnni():
             return "vnni"
-        if weight == "ternary" and cpu.has_avx2():
-            return "avx2"
+        if cpu.has_avx2():
+            return "avx2"       # ternary layers: vpmaddubsw; int8 and hybrid: the exact vpmaddwd one
         return "addonly" if ternary else "plain"
     if requested == "vnni":
         if not cpu.has_avx512vnni():
@@ -39,8 +39,7 @@ def pointwise_impl(requested: str, weight: str) -> str:
     if requested == "avx2":
         if not cpu.has_avx2():
             raise RuntimeError("kernels='avx2' needs a CPU with AVX2")
-        # vpmaddubsw is exact only for ternary weights: int8 rows take an exact portable kernel
-        return "avx2" if weight == "ternary" else ("addonly" if ternary else "plain")
+        return "avx2"
     if requested == "addonly":
         return "addonly" if ternary else "plain"
     return "plain"
@@ -51,6 +50,8 @@ def int8_impl(requested: str) -> str:
     from .kernels import cpu
     if requested in ("auto", "vnni") and cpu.has_avx512vnni():
         return "vnni"
+    if requested in ("auto", "avx2") and cpu.has_avx2():
+        return "avx2"
     return "plain"
 
 

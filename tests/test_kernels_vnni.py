@@ -1,8 +1,8 @@
 """VNNI / AVX2 pointwise micro-kernels (ternet/kernels/vnni.py) == the pointwise reference, bit for bit.
 
 emu512 (portable IR with vpdpbusd's semantics and the VNNI tiling) runs everywhere; the real
-avx512vnni and avx2 kernels run where the CPU has them, and the VNNI code is also cross-compiled
-for Zen 4 to check the instructions it emits.
+avx512vnni, avx2 (ternary) and avx2i8 (int8) kernels run where the CPU has them, and the VNNI and
+avx2i8 code is also cross-compiled (Zen 4, Zen 3) to check the instructions it emits.
 """
 import ctypes
 import mmap
@@ -30,8 +30,8 @@ except ImportError:     # the reference module is not there yet: same definition
 EMU = "emu512"
 VNNI = pytest.param("avx512vnni", marks=pytest.mark.skipif(not cpu.has_avx512vnni(), reason="no AVX512-VNNI"))
 AVX2 = pytest.param("avx2", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
-ISAS = [EMU, VNNI, AVX2]
-INT8_ISAS = [EMU, VNNI]           # avx2 takes ternary weights only
+AVX2I8 = pytest.param("avx2i8", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
+ISAS = [EMU, VNNI, AVX2, AVX2I8]  # avx2 with int8 weights runs avx2i8: every isa takes both kinds
 POISON = 0xA5
 
 
@@ -111,7 +111,7 @@ def test_ternary_matches_reference(isa, case):
     run_case(isa, True, *case)
 
 
-@pytest.mark.parametrize("isa", INT8_ISAS)
+@pytest.mark.parametrize("isa", ISAS)
 @given(case=layers())
 def test_int8_matches_reference(isa, case):
     run_case(isa, False, *case)
@@ -120,7 +120,6 @@ def test_int8_matches_reference(isa, case):
 @pytest.mark.parametrize("isa", ISAS)
 @given(case=layers(), ternary=st.booleans())
 def test_int32_accumulators_exact(isa, case, ternary):
-    ternary = ternary or isa == "avx2"
     P, cin, cout, zx, _, _, _, seed = case
     rng = np.random.default_rng(seed)
     x, w, bias = make_case(rng, P, cin, cout, ternary, zx)
@@ -135,18 +134,42 @@ def test_int32_accumulators_exact(isa, case, ternary):
 @pytest.mark.parametrize("isa", ISAS)
 def test_wide_layers(isa):
     """Fan-in 1280+ and Cout 1000+ (K loop far past avx2's 64-step int16 groups)."""
-    ternary = isa == "avx2"
     for P, cin, cout in [(7, 1280, 1001), (3, 1311, 40), (49, 320, 1280)]:
-        run_case(isa, ternary, P, cin, cout, 117, 128, 0, 255, cin + cout)
+        run_case(isa, False, P, cin, cout, 117, 128, 0, 255, cin + cout)
         run_case(isa, True, P, cin, cout, 0, 3, 3, 200, cout)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@given(case=layers())
-def test_negated_weights_negate_accumulator(isa, case):
+@pytest.mark.parametrize("wval", [-128, 127, -127])
+def test_extreme_products(isa, wval):
+    """x = 255 against a constant weight of extreme magnitude, fan-in 4099: every vpmaddubsw pair
+    would saturate (2*255*128 > 32767), the accumulators reach -133.8M; a few other pixels vary x."""
+    rng = np.random.default_rng(wval & 0xFF)
+    P, cin, cout = 11, 4099, 19
+    x = np.full((P, cin), 255, np.uint8)
+    x[5:] = rng.integers(0, 256, (P - 5, cin), dtype=np.uint8)
+    w = np.full((cout, cin), wval, np.int8)
+    w[cout // 2:, ::3] = -wval if wval > -128 else 127
+    bias = rng.integers(-2**20, 2**20, cout, dtype=np.int32)
+    plan = vnni.make_pw_vnni(w, bias, 0, np.ones(cout, np.float32), 0, 0, 255, isa=isa)
+    xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
+    plan.accumulate(xb, P, acc)
+    np.testing.assert_array_equal(acc[:P, :cout], ref_acc(x, 0, w, bias))
+    check_untouched(acc, P)
+    mult = pick_mult(rng, ref_acc(x, 0, w, bias), cout)
+    plan = vnni.make_pw_vnni(w, bias, 0, mult, 77, 0, 255, isa=isa)
+    xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+    plan(xb, P, out)
+    np.testing.assert_array_equal(out[:P, :cout], pointwise_ref(x, 0, w, bias, mult, 77, 0, 255))
+    check_untouched(out, P)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=layers(), ternary=st.booleans())
+def test_negated_weights_negate_accumulator(isa, case, ternary):
     P, cin, cout, _, _, _, _, seed = case
     rng = np.random.default_rng(seed)
-    x, w, _ = make_case(rng, P, cin, cout, isa == "avx2", 0)
+    x, w, _ = make_case(rng, P, cin, cout, ternary, 0)
     w = np.maximum(w, -127)          # symmetric int8, so -w fits
     zero, one = np.zeros(cout, np.int32), np.ones(cout, np.float32)
     accs = []
@@ -214,7 +237,7 @@ def test_results_independent_of_thread_count(isa):
     rng = np.random.default_rng(5)
     P, cin, cout = 397, 96, 200
     assert P * 96 * 208 >= vnni.PAR_MIN_MACS          # big enough to be split
-    x, w, bias = make_case(rng, P, cin, cout, True, 9)
+    x, w, bias = make_case(rng, P, cin, cout, isa == "avx2", 9)
     mult = pick_mult(rng, ref_acc(x, 9, w, bias), cout)
     plan = vnni.make_pw_vnni(w, bias, 9, mult, 30, 0, 255, isa=isa)
     xb, _ = buffers(x, P, plan.cin_p, plan.cout_p, rng)
@@ -250,7 +273,7 @@ def test_no_access_past_the_buffers(isa):
     page = mmap.PAGESIZE
     rng = np.random.default_rng(3)
     for P, cin, cout in [(1, 20, 40), (5, 64, 16), (49, 33, 50)]:
-        x, w, bias = make_case(rng, P, cin, cout, True, 4)
+        x, w, bias = make_case(rng, P, cin, cout, isa == "avx2", 4)
         mult = pick_mult(rng, ref_acc(x, 4, w, bias), cout)
         plan = vnni.make_pw_vnni(w, bias, 4, mult, 10, 0, 255, isa=isa)
         shapes = [(P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)]
@@ -275,10 +298,38 @@ def test_no_access_past_the_buffers(isa):
 
 # ------------------------------------------------------------------ validation and dispatch
 
-def test_avx2_rejects_non_ternary_weights():
-    w = np.array([[1, 0, -1, 2]], np.int8)
-    with pytest.raises(ValueError, match="ternary"):
-        vnni.make_pw_vnni(w, np.zeros(1, np.int32), 0, np.ones(1, np.float32), 0, 0, 255, isa="avx2")
+@pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2")
+def test_avx2_picks_kernel_by_weight_kind():
+    """isa="avx2": vpmaddubsw only when every weight is ternary; int8 and hybrid layers (a few
+    int8 rows) run the exact int8 kernel over all rows; isa="avx2i8" forces it."""
+    rng = np.random.default_rng(11)
+    args = (np.zeros(20, np.int32), 3, np.ones(20, np.float32), 0, 0, 255)
+    tern = rng.integers(-1, 2, (20, 37)).astype(np.int8)
+    hybrid = tern.copy()
+    hybrid[[3, 17]] = rng.integers(-128, 128, (2, 37))
+    assert vnni.make_pw_vnni(tern, *args, isa="avx2").isa == "avx2"
+    assert vnni.make_pw_vnni(np.zeros((20, 37), np.int8), *args, isa="avx2").isa == "avx2"
+    assert vnni.make_pw_vnni(tern, *args, isa="avx2i8").isa == "avx2i8"
+    for w in (hybrid, np.array([[1, 0, -1, 2]] * 20, np.int8)):
+        plan = vnni.make_pw_vnni(w, *args, isa="avx2")
+        assert (plan.isa, plan.impl, plan.w.dtype) == ("avx2i8", "avx2", np.int16)
+    x = rng.integers(0, 256, (9, 37), dtype=np.uint8)
+    plan = vnni.make_pw_vnni(hybrid, *args, isa="avx2")
+    xb, acc = buffers(x, 9, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
+    plan.accumulate(xb, 9, acc)
+    np.testing.assert_array_equal(acc[:9, :20], ref_acc(x, 3, hybrid, args[0]))
+
+
+def test_wide_weight_packing():
+    """avx2i8 layout [blk, k, e, o, h] = w[16 blk + o, 4k + e + 2h], zero padded."""
+    rng = np.random.default_rng(2)
+    w = rng.integers(-128, 128, (21, 13), dtype=np.int8)
+    wp = vnni.pack_weights(w, 16, 32, wide=True)
+    assert wp.shape == (2, 4, 2, 16, 2) and wp.dtype == np.int16 and wp.ctypes.data % 64 == 0
+    full = np.zeros((32, 16), np.int16)
+    full[:21, :13] = w
+    for blk, k, e, o, h in np.ndindex(wp.shape):
+        assert wp[blk, k, e, o, h] == full[16 * blk + o, 4 * k + e + 2 * h]
 
 
 def test_rejects_bad_arguments():
@@ -320,7 +371,7 @@ def test_requested_impl_and_best_choice(monkeypatch):
         cpu.requested_impl()
     monkeypatch.setenv("TERNET_KERNELS", "auto")
     for vnni_ok, avx2_ok, ternary, want in [(True, True, True, "vnni"), (True, False, False, "vnni"),
-                                            (False, True, True, "avx2"), (False, True, False, "plain"),
+                                            (False, True, True, "avx2"), (False, True, False, "avx2"),
                                             (False, False, True, "addonly"), (False, False, False, "plain")]:
         monkeypatch.setattr(cpu, "has_avx512vnni", lambda: vnni_ok)
         monkeypatch.setattr(cpu, "has_avx2", lambda: avx2_ok)
@@ -330,11 +381,38 @@ def test_requested_impl_and_best_choice(monkeypatch):
     monkeypatch.setenv("TERNET_KERNELS", "plain")
     assert cpu.best_pointwise_impl(True) == "plain"
     monkeypatch.setenv("TERNET_KERNELS", "avx2")
+    assert cpu.best_pointwise_impl(False) == "avx2"          # int8 weights: the avx2i8 kernel
+    monkeypatch.setenv("TERNET_KERNELS", "addonly")
     with pytest.raises(ValueError):
+        cpu.best_pointwise_impl(False)
+    monkeypatch.setattr(cpu, "has_avx2", lambda: False)
+    monkeypatch.setenv("TERNET_KERNELS", "avx2")
+    with pytest.raises(RuntimeError):
         cpu.best_pointwise_impl(False)
     monkeypatch.setenv("TERNET_KERNELS", "vnni")
     with pytest.raises(RuntimeError):
         cpu.best_pointwise_impl(True)
+
+
+def test_model_kernel_choice(monkeypatch):
+    """ternet.model: on an AVX2 CPU without VNNI, auto and avx2 run every pointwise weight kind and
+    the stem GEMM on avx2 kernels; addonly stays multiplication-free where it can, plain portable."""
+    from ternet.model import int8_impl, pointwise_impl
+    monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
+    monkeypatch.setattr(cpu, "has_avx2", lambda: True)
+    for req in ("auto", "avx2"):
+        assert [pointwise_impl(req, k) for k in ("ternary", "int8", "hybrid")] == ["avx2"] * 3
+        assert int8_impl(req) == "avx2"
+    assert [pointwise_impl("addonly", k) for k in ("ternary", "int8", "hybrid")] == \
+        ["addonly", "plain", "addonly"]
+    assert int8_impl("addonly") == int8_impl("plain") == "plain"
+    assert pointwise_impl("plain", "ternary") == "plain"
+    monkeypatch.setattr(cpu, "has_avx2", lambda: False)
+    assert [pointwise_impl("auto", k) for k in ("ternary", "int8", "hybrid")] == \
+        ["addonly", "plain", "addonly"]
+    assert int8_impl("auto") == "plain"
+    with pytest.raises(RuntimeError):
+        pointwise_impl("avx2", "int8")
 
 
 def test_host_features_are_consistent():
@@ -347,18 +425,31 @@ def test_host_features_are_consistent():
 # ------------------------------------------------------------------ generated code
 
 _ASM_SCRIPT = """
-import re, numba, numpy as np
+import re, sys, numba, numpy as np
 from ternet.kernels import vnni
-plan = vnni.make_pw_vnni(np.ones((40, 72), np.int8), np.zeros(40, np.int32), 0,
-                         np.ones(40, np.float32), 0, 0, 255, isa="emu512")
+wide, driver = sys.argv[1] == "wide", getattr(vnni, sys.argv[2])
+w = np.full((40, 72), 3, np.int8)     # an emu512 plan: no check that the host can run the code
+plan = vnni.make_pw_vnni(w, np.zeros(40, np.int32), 0, np.ones(40, np.float32), 0, 0, 255, isa="emu512")
 x, out = np.zeros((20, plan.cin_p), np.uint8), np.zeros((20, plan.cout_p), np.uint8)
-args = (x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, plan._work(12)[1])
+args = (x, vnni.pack_weights(w, plan.cin_p, plan.cout_p, wide), plan.bias, plan.mult, plan.zph,
+        plan.lo, plan.hi, out, plan.nkb, plan._work(12)[1])
 sig = tuple(numba.typeof(a) for a in args)
-vnni.pw_i8_u8_vnni.compile(sig)
-asm = vnni.pw_i8_u8_vnni.inspect_asm(sig)
-print(len(re.findall(r"\\bvpdpbusds?\\b", asm)), len(re.findall(r"\\bvpdpbusds\\b", asm)),
-      len(re.findall(r"%zmm", asm)), len(re.findall(r"\\bvfn?m(add|sub)", asm)))
+driver.compile(sig)
+asm = driver.inspect_asm(sig)
+for pat in sys.argv[3:]:
+    print(len(re.findall(pat, asm)))
 """
+
+
+def _cross_compile(cpu_name, feats, wide, driver, patterns):
+    """Counts of each regex in `driver`'s assembly, compiled (not run) for cpu_name + feats."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES=feats,
+               TERNET_NUMBA_CACHE="0", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", _ASM_SCRIPT, "wide" if wide else "narrow", driver,
+                          *patterns], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return list(map(int, res.stdout.split()[-len(patterns):]))
 
 
 def test_vnni_asm_cross_compiled_for_zen4():
@@ -368,14 +459,20 @@ def test_vnni_asm_cross_compiled_for_zen4():
     feats = llb.get_host_cpu_features()
     for f in cpu.ISA_FEATURES["avx512vnni"] + ("avx512vl", "avx512dq"):
         feats[f] = True
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=feats.flatten(),
-               TERNET_NUMBA_CACHE="0", PYTHONPATH=root)
-    res = subprocess.run([sys.executable, "-c", _ASM_SCRIPT], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    n_dp, n_dps, n_zmm, n_fma = map(int, res.stdout.split()[-4:])
+    n_dp, n_dps, n_zmm, n_fma = _cross_compile(
+        "znver4", feats.flatten(), False, "pw_i8_u8_vnni",
+        [r"\bvpdpbusds?\b", r"\bvpdpbusds\b", r"%zmm", r"\bvfn?m(add|sub)"])
     assert n_dp >= 12 and n_dps == 0 and n_zmm > 0 and n_fma == 0
+
+
+def test_avx2i8_asm_cross_compiled_for_zen3():
+    """Compile (not run) the int8 AVX2 driver for znver3 (AVX2 + FMA, no AVX-512): the 4 px x 16 oc
+    tile is 16 vpmaddwd per K step, never the saturating vpmaddubsw; ymm only; no FMA."""
+    feats = "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2,-avx512f,-avx512bw,-avx512vnni"
+    n_wd, n_ubsw, n_zmm, n_ymm, n_fma = _cross_compile(
+        "znver3", feats, True, "pw_i8_u8_avx2",
+        [r"\bvpmaddwd\b", r"\bvpmaddubsw\b", r"%zmm", r"%ymm", r"\bvfn?m(add|sub)"])
+    assert n_wd >= 16 and n_ubsw == 0 and n_zmm == 0 and n_ymm > 0 and n_fma == 0
 
 
 def test_import_compiles_nothing():

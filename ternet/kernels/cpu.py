@@ -15,6 +15,7 @@ IMPLS = ("vnni", "avx2", "addonly", "plain")
 ISA_FEATURES = {
     "avx512vnni": ("avx512f", "avx512bw", "avx512vnni"),
     "avx2": ("avx2",),
+    "avx2i8": ("avx2",),
 }
 
 
@@ -81,16 +82,17 @@ def requested_impl() -> str:
 def best_pointwise_impl(ternary: bool) -> str:
     """Fastest exact pointwise kernel for this CPU and weight kind, or the TERNET_KERNELS override.
 
-    An override that cannot work raises instead of silently falling back: `avx2` and `addonly`
-    need ternary weights (ValueError), `vnni`/`avx2` need the CPU feature (RuntimeError)."""
+    `avx2` covers both weight kinds (vpmaddubsw for ternary, the exact vpmaddwd kernel for int8).
+    An override that cannot work raises instead of silently falling back: `addonly` needs ternary
+    weights (ValueError), `vnni`/`avx2` need the CPU feature (RuntimeError)."""
     req = requested_impl()
     if req == "auto":
         if has_avx512vnni():
             return "vnni"
-        if ternary and has_avx2():
+        if has_avx2():
             return "avx2"
         return "addonly" if ternary else "plain"
-    if req in ("avx2", "addonly") and not ternary:
+    if req == "addonly" and not ternary:
         raise ValueError(f"TERNET_KERNELS={req} needs ternary weights")
     if req == "vnni" and not has_avx512vnni():
         raise RuntimeError("TERNET_KERNELS=vnni but this CPU (or numba's target) lacks AVX512-VNNI")

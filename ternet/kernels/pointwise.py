@@ -8,7 +8,7 @@ Buffers (docs/kernels.md): x u8[rows, cin_p] (NHWC pixels), out u8[rows, cout_p]
   load. So a layer is one list of rows per output (x rows and ~x rows), no signs, no multiplies.
   Non-ternary rows of a hybrid layer take the dense path below inside the same kernel.
 * `pw_i8_u8_plain`: dense int8 weights, multiply-accumulate in int32 (int8 layers on CPUs without
-  VNNI or AVX2, and the stem's im2col GEMM there).
+  AVX512-VNNI (the AVX2 kernel takes ternary weights only), and the stem's im2col GEMM there).
 
 Both vectorise across pixels, but NHWC stores a pixel's channels together, so both work on pixel
 tiles: (1) transpose the tile into channel-major rows `xt[c, j]` (8x8 byte blocks transposed in
@@ -112,8 +112,9 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
               compl, out, out32, xt, acc16, acc32, yt, TL):
     """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P.
 
-    Scratch: xt u8[(2*cin_p + 1) * TILE] rows x_c (c < cin_p), ~x_c (cin_p + c), a zero row
-    (2*cin_p, never written); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output rows).
+    Scratch: xt u8[(2*cin_p + 1) * TILE] rows of TL bytes: x_c (c < cin_p), ~x_c (cin_p + c), a
+    zero row (2*cin_p, never written); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output
+    rows of TL bytes).
     Per output o: dense list dptr[o]:dptr[o+1] of (row, weight) in groups of 4, else ternary
     chunks tptr[o]:tptr[o+1], each a range of trows (<= CHUNK real rows, padded to 4 with the
     zero row). Results go to out u8[rows, cout_p] or, if out32 has rows (tests), to out32
@@ -128,8 +129,8 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
     cin_p = U(8) * kw
     ngo = U(bias.shape[0] // 8)     # 8-channel output groups
     tl = U(TL)                      # unsigned loop bounds: j indexes without sign checks
-    rs = U(TILE)                    # scratch row stride (bytes)
-    ws = U(TILE // 8)               # scratch row stride (words)
+    rs = U(TL)                      # scratch row stride (bytes): compact rows for small tiles
+    ws = U(TL // 8)                 # scratch row stride (words)
     tw = U(TL // 8)                 # yt row stride (words)
     u1, u2, u3, u4, u5, u6, u7, u8 = U(1), U(2), U(3), U(4), U(5), U(6), U(7), U(8)
     flo = np.float32(lo)
@@ -167,25 +168,45 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
                 src = 2         # where the result is: 0 bias only, 1 bias + acc16, 2 acc32
                 a = dptr[o]
                 e = dptr[o + u1]
-                if a < e:       # dense row: int32 multiply-accumulate, 4 rows per pass
+                if a < e:       # dense row: int32 multiply-accumulate, 8 rows per pass, then 4
                     for j in range(tl):
                         acc32[j] = bo
-                    while a < e:
+                    while a + u8 <= e:
                         r0 = U(drows[a]) * rs
                         r1 = U(drows[a + u1]) * rs
                         r2 = U(drows[a + u2]) * rs
                         r3 = U(drows[a + u3]) * rs
-                        # int16 weights: LLVM sees 16-bit factors and may use vpmaddwd
+                        r4 = U(drows[a + u4]) * rs
+                        r5 = U(drows[a + u5]) * rs
+                        r6 = U(drows[a + u6]) * rs
+                        r7 = U(drows[a + u7]) * rs
+                        # int16 weights: LLVM sees 16-bit factors and uses vpmaddwd
                         w0 = np.int32(dw[a])
                         w1 = np.int32(dw[a + u1])
                         w2 = np.int32(dw[a + u2])
                         w3 = np.int32(dw[a + u3])
+                        w4 = np.int32(dw[a + u4])
+                        w5 = np.int32(dw[a + u5])
+                        w6 = np.int32(dw[a + u6])
+                        w7 = np.int32(dw[a + u7])
                         for j in range(tl):     # |acc| < 2**31: the loader checks the bound
-                            acc32[j] = np.int32(acc32[j] + ((np.int32(xt[r0 + j]) * w0
-                                                             + np.int32(xt[r1 + j]) * w1)
-                                                            + (np.int32(xt[r2 + j]) * w2
-                                                               + np.int32(xt[r3 + j]) * w3)))
-                        a += u4
+                            acc32[j] = np.int32(acc32[j] + (((np.int32(xt[r0 + j]) * w0 + np.int32(xt[r1 + j]) * w1)
+                                                             + (np.int32(xt[r2 + j]) * w2 + np.int32(xt[r3 + j]) * w3))
+                                                            + ((np.int32(xt[r4 + j]) * w4 + np.int32(xt[r5 + j]) * w5)
+                                                               + (np.int32(xt[r6 + j]) * w6 + np.int32(xt[r7 + j]) * w7))))
+                        a += u8
+                    if a < e:           # lists are padded to a multiple of 4 rows
+                        r0 = U(drows[a]) * rs
+                        r1 = U(drows[a + u1]) * rs
+                        r2 = U(drows[a + u2]) * rs
+                        r3 = U(drows[a + u3]) * rs
+                        w0 = np.int32(dw[a])
+                        w1 = np.int32(dw[a + u1])
+                        w2 = np.int32(dw[a + u2])
+                        w3 = np.int32(dw[a + u3])
+                        for j in range(tl):
+                            acc32[j] = np.int32(acc32[j] + ((np.int32(xt[r0 + j]) * w0 + np.int32(xt[r1 + j]) * w1)
+                                                            + (np.int32(xt[r2 + j]) * w2 + np.int32(xt[r3 + j]) * w3)))
                 else:
                     k0 = tptr[o]
                     k1 = tptr[o + u1]
