@@ -283,8 +283,8 @@ def test_results_independent_of_thread_count(impl):
     plan = MAKE[impl](w, bias, 9, mult, 30, 0, 255)
     xb, _ = buffers(x, P, plan.cin_p, plan.cout_p, rng)
     want = pw.pointwise_ref(x, 9, w, bias, mult, 30, 0, 255)
-    threads = 7
-    scratch = [np.zeros((threads,) + s.shape[1:], s.dtype) for s in plan.scratch]
+    scratch = plan.scratch(7)
+    assert all(s.shape[0] >= 7 for s in scratch)
     for n in (1, 2, 3, 4, 7):
         work = pw.split_work(P, n)
         assert len(work) == n
@@ -306,6 +306,27 @@ def test_results_independent_of_thread_count(impl):
             np.testing.assert_array_equal(out[:P, :cout], want)
     finally:
         numba.set_num_threads(old)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+def test_scratch_grows_with_the_thread_count():
+    rng = np.random.default_rng(6)
+    P, cin, cout = 600, 64, 120
+    x, w, bias = make_case(rng, P, cin, cout, "ternary", 1)
+    mult = pick_mult(rng, pw.pointwise_acc_ref(x, 1, w, bias), cout)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        plan = pw.make_pw_addonly(w, bias, 1, mult, 2, 0, 255)
+        assert plan.scratch()[0].shape[0] == 1
+        numba.set_num_threads(2)
+        xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+        run(plan, xb, P, out)
+    finally:
+        numba.set_num_threads(old)
+    assert plan.scratch()[0].shape[0] == 2
+    np.testing.assert_array_equal(out[:P, :cout], pw.pointwise_ref(x, 1, w, bias, mult, 2, 0, 255))
+    check_untouched(out, P)
 
 
 # ------------------------------------------------------------------ memory bounds
@@ -402,7 +423,7 @@ from ternet.kernels import pointwise as pw
 w = np.array([[1, -1, 0, 1] * 8], np.int8)
 plan = pw.make_pw_addonly(w, np.zeros(1, np.int32), 0, np.ones(1, np.float32), 0, 0, 255)
 x, out = np.zeros((140, plan.cin_p), np.uint8), np.zeros((140, plan.cout_p), np.uint8)
-xt, a16, a32, yt = plan.scratch
+xt, a16, a32, yt = plan.scratch()
 args = (x, 130, plan.tptr, plan.tchunks, plan.trows, plan.dptr, plan.drows, plan.dw, plan.bias,
         plan.mult, plan.zph, plan.lo, plan.hi, plan.compl, out, xt[0], a16[0], a32[0], yt[0],
         pw.split_work(130, 1))

@@ -30,12 +30,12 @@ from numba import prange
 
 from .. import quant
 from ._jit import U, kernel
+from .cpu import IMPLS
 from .layout import CH_ALIGN, ROW_SLACK, pad_to
 
 TILE = 128          # pixels per tile and the row stride of the channel-major scratch
 CHUNK = 128         # rows summed in int16 before widening: 128 * 255 = 32640 <= 32767
 PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
-IMPLS = ("vnni", "avx2", "addonly", "plain")
 I32_MAX = 2**31 - 1
 _U8 = np.dtype(np.uint8)
 
@@ -113,7 +113,7 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
     """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P.
 
     Scratch: xt u8[(2*cin_p + 1) * TILE] rows of TL bytes: x_c (c < cin_p), ~x_c (cin_p + c), a
-    zero row (2*cin_p, never written); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output
+    zero row (2*cin_p, cleared here); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output
     rows of TL bytes).
     Per output o: dense list dptr[o]:dptr[o+1] of (row, weight) in groups of 4, else ternary
     chunks tptr[o]:tptr[o+1], each a range of trows (<= CHUNK real rows, padded to 4 with the
@@ -122,7 +122,7 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
     other flag is a runtime value so that all drivers share the two compiled specialisations."""
     I32 = out32.shape[0] > 0
     x64 = x.view(np.uint64)         # [rows, cin_p/8]: 8 channels of one pixel per word
-    xt64 = xt.view(np.uint64)       # rows of TILE/8 words: 8 pixels of one channel per word
+    xt64 = xt.view(np.uint64)       # rows of TL/8 words: 8 pixels of one channel per word
     yt64 = yt.view(np.uint64)       # 8 rows of TL/8 words
     out64 = out.view(np.uint64)     # [rows, cout_p/8] (u8 output)
     kw = U(x64.shape[1])
@@ -135,6 +135,9 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
     u1, u2, u3, u4, u5, u6, u7, u8 = U(1), U(2), U(3), U(4), U(5), U(6), U(7), U(8)
     flo = np.float32(lo)
     fhi = np.float32(hi)
+    z = U(2) * cin_p * rs           # the zero row: rows of another TL may have overlapped it
+    for j in range(tl):
+        xt[z + j] = 0
     for tile in range(U(ntiles)):
         p0 = U(p_start) + tile * tl
         nvalid = min(tl, U(P) - p0)
@@ -168,45 +171,25 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
                 src = 2         # where the result is: 0 bias only, 1 bias + acc16, 2 acc32
                 a = dptr[o]
                 e = dptr[o + u1]
-                if a < e:       # dense row: int32 multiply-accumulate, 8 rows per pass, then 4
-                    for j in range(tl):
+                if a < e:       # dense row: int32 multiply-accumulate, 4 rows per pass
+                    for j in range(tl):     # (8 rows per pass measured slower here)
                         acc32[j] = bo
-                    while a + u8 <= e:
+                    while a < e:
                         r0 = U(drows[a]) * rs
                         r1 = U(drows[a + u1]) * rs
                         r2 = U(drows[a + u2]) * rs
                         r3 = U(drows[a + u3]) * rs
-                        r4 = U(drows[a + u4]) * rs
-                        r5 = U(drows[a + u5]) * rs
-                        r6 = U(drows[a + u6]) * rs
-                        r7 = U(drows[a + u7]) * rs
                         # int16 weights: LLVM sees 16-bit factors and uses vpmaddwd
                         w0 = np.int32(dw[a])
                         w1 = np.int32(dw[a + u1])
                         w2 = np.int32(dw[a + u2])
                         w3 = np.int32(dw[a + u3])
-                        w4 = np.int32(dw[a + u4])
-                        w5 = np.int32(dw[a + u5])
-                        w6 = np.int32(dw[a + u6])
-                        w7 = np.int32(dw[a + u7])
                         for j in range(tl):     # |acc| < 2**31: the loader checks the bound
-                            acc32[j] = np.int32(acc32[j] + (((np.int32(xt[r0 + j]) * w0 + np.int32(xt[r1 + j]) * w1)
-                                                             + (np.int32(xt[r2 + j]) * w2 + np.int32(xt[r3 + j]) * w3))
-                                                            + ((np.int32(xt[r4 + j]) * w4 + np.int32(xt[r5 + j]) * w5)
-                                                               + (np.int32(xt[r6 + j]) * w6 + np.int32(xt[r7 + j]) * w7))))
-                        a += u8
-                    if a < e:           # lists are padded to a multiple of 4 rows
-                        r0 = U(drows[a]) * rs
-                        r1 = U(drows[a + u1]) * rs
-                        r2 = U(drows[a + u2]) * rs
-                        r3 = U(drows[a + u3]) * rs
-                        w0 = np.int32(dw[a])
-                        w1 = np.int32(dw[a + u1])
-                        w2 = np.int32(dw[a + u2])
-                        w3 = np.int32(dw[a + u3])
-                        for j in range(tl):
-                            acc32[j] = np.int32(acc32[j] + ((np.int32(xt[r0 + j]) * w0 + np.int32(xt[r1 + j]) * w1)
-                                                            + (np.int32(xt[r2 + j]) * w2 + np.int32(xt[r3 + j]) * w3)))
+                            acc32[j] = np.int32(acc32[j] + ((np.int32(xt[r0 + j]) * w0
+                                                             + np.int32(xt[r1 + j]) * w1)
+                                                            + (np.int32(xt[r2 + j]) * w2
+                                                               + np.int32(xt[r3 + j]) * w3)))
+                        a += u4
                 else:
                     k0 = tptr[o]
                     k1 = tptr[o + u1]
@@ -476,6 +459,14 @@ def _folded_bias(w, bias, zx):
     return bias_f.astype(np.int64)
 
 
+def _alloc_scratch(cin_p: int, threads: int) -> tuple:
+    """Per-thread scratch (xt, acc16, acc32, yt), [threads, ...] (layout: _pw_tiles)."""
+    return (np.zeros((threads, (2 * cin_p + 1) * TILE), np.uint8),
+            np.zeros((threads, TILE), np.int16),
+            np.zeros((threads, TILE), np.int32),
+            np.zeros((threads, 8 * TILE), np.uint8))
+
+
 def split_work(P: int, threads: int) -> np.ndarray:
     """Pixel ranges i64[n, 2], n <= threads, starts multiples of TILE (only the last has a tail)."""
     tiles = -(-P // TILE)
@@ -489,8 +480,9 @@ class PwPlainPlan:
     """A prepared pointwise layer for the plain-Numba kernels; `plan(x, P, out)` runs it.
 
     impl "addonly": ternary rows as index lists (hybrid layers: non-ternary rows dense);
-    impl "plain": every row dense. Owns per-thread scratch, so one plan must not run in two
-    Python threads at once."""
+    impl "plain": every row dense. Owns per-thread scratch (allocated by the factory for the
+    current numba thread count, grown once if a later call uses more threads), so one plan must
+    not run in two Python threads at once."""
     cin: int
     cout: int
     cin_p: int
@@ -508,8 +500,14 @@ class PwPlainPlan:
     lo: np.float32 = dataclasses.field(repr=False)
     hi: np.float32 = dataclasses.field(repr=False)
     compl: bool = dataclasses.field(repr=False)           # some ternary row has a -1
-    scratch: tuple = dataclasses.field(repr=False)        # (xt, acc16, acc32, yt), [threads, ...]
-    _work_cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)   # scratch, work ranges
+
+    def scratch(self, threads: int = 1) -> tuple:
+        """(xt, acc16, acc32, yt) with >= `threads` rows each (see _pw_tiles)."""
+        s = self._cache.get("scratch")
+        if s is None or s[0].shape[0] < threads:
+            s = self._cache["scratch"] = _alloc_scratch(self.cin_p, threads)
+        return s
 
     def _check(self, x, P, out, out_dtype):
         if x.shape[1] != self.cin_p or out.shape[1] != self.cout_p:
@@ -526,11 +524,11 @@ class PwPlainPlan:
         """Pixel ranges for P pixels. Small layers never ask for the thread count (1 us)."""
         threads = 1
         if parallel and P * self.cin_p * self.cout_p >= PAR_MIN_MACS:
-            threads = min(numba.get_num_threads(), self.scratch[0].shape[0])
+            threads = numba.get_num_threads()
         key = (P, threads)
-        work = self._work_cache.get(key)
+        work = self._cache.get(key)
         if work is None:
-            work = self._work_cache[key] = split_work(P, threads)
+            work = self._cache[key] = split_work(P, threads)
         return work
 
     def __call__(self, x, P, out):
@@ -542,7 +540,7 @@ class PwPlainPlan:
         if not P:
             return
         work = self._work(P)
-        xt, a16, a32, yt = self.scratch
+        xt, a16, a32, yt = self.scratch(len(work))
         if self.impl == "addonly":
             args = (x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows, self.dw,
                     self.bias, self.mult, self.zph, self.lo, self.hi, self.compl, out)
@@ -565,7 +563,7 @@ class PwPlainPlan:
         if not P:
             return
         work = self._work(P, parallel=False)
-        xt, a16, a32, yt = self.scratch
+        xt, a16, a32, yt = self.scratch()
         if self.impl == "addonly":
             pw_t2_i32_addonly(x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows,
                               self.dw, self.bias, self.mult, self.zph, self.lo, self.hi, self.compl,
@@ -590,14 +588,11 @@ def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
     bias_k = ((bias_p - 255 * nminus + 2**31) % 2**32 - 2**31).astype(np.int32)
     mult_p = np.zeros(cout_p, np.float32)
     mult_p[:cout] = np.asarray(mult, np.float32).reshape(-1)
-    threads = numba.config.NUMBA_NUM_THREADS
-    scratch = (np.zeros((threads, (2 * cin_p + 1) * TILE), np.uint8),
-               np.zeros((threads, TILE), np.int16),
-               np.zeros((threads, TILE), np.int32),
-               np.zeros((threads, 8 * TILE), np.uint8))
-    return PwPlainPlan(cin, cout, cin_p, cout_p, impl, tptr, tchunks, trows, dptr, drows, dw,
+    plan = PwPlainPlan(cin, cout, cin_p, cout_p, impl, tptr, tchunks, trows, dptr, drows, dw,
                        bias_k, mult_p, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
-                       bool(nminus.any()), scratch)
+                       bool(nminus.any()))
+    plan.scratch(numba.get_num_threads())
+    return plan
 
 
 def make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
