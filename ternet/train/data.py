@@ -1,0 +1,109 @@
+"""Data: CIFAR-10 training images (upscaled, augmented) and the ImageNet dev images.
+
+Training, calibration and selection use ONLY CIFAR-10 *train* images, split by index: every
+10th image is held out (`split="heldout"`, for sensitivity / validation losses), the rest is
+`split="train"`. The ImageNet dev images are loaded only by `load_dev` for reporting.
+
+Model inputs are uint8 pixels: both architectures' input quantization maps a pixel to itself
+(Lite0: mean 127/255, std 128/255, scale 1/128, zero point 127), so a batch is produced as
+uint8-valued float NCHW tensors and the real input is `graph.input_real(x)`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CIFAR_TAR = "/work/shared/data/cifar10-jpg.tar.gz"
+CIFAR_DIR = "/work/cache/cifar10"
+DEV_DIR = "/work/shared/data/imagenet-sample-dev"
+CLASSES_TSV = "/work/shared/data/imagenet_classes.tsv"
+
+
+def cifar_u8(root: str = CIFAR_DIR) -> np.ndarray:
+    """All CIFAR-10 train images as uint8 [50000, 32, 32, 3] in a fixed (sorted path) order."""
+    cache = Path(root) / "train_u8.npy"
+    if cache.exists():
+        return np.load(cache)
+    from PIL import Image
+    if not (Path(root) / "train").is_dir():
+        import tarfile
+        with tarfile.open(CIFAR_TAR) as t:
+            t.extractall(root)
+    paths = sorted((Path(root) / "train").glob("*/*.jpg"))
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, cache)
+    return arr
+
+
+def split_indices(n: int, split: str) -> np.ndarray:
+    idx = np.arange(n)
+    return idx[idx % 10 == 0] if split == "heldout" else idx[idx % 10 != 0]
+
+
+class CifarAug:
+    """Upscaled, augmented CIFAR batches at `size` x `size`: random resized crops + flips, 2x2
+    mosaics of four images and mixup blends (ImageNet-like statistics: several objects per
+    frame, larger apparent scale range). Deterministic given (seed, step)."""
+
+    def __init__(self, images: np.ndarray, size: int, split: str = "train", seed: int = 0,
+                 p_mosaic: float = 0.4, p_mix: float = 0.2, plain: bool = False):
+        self.x = torch.from_numpy(images[split_indices(len(images), split)]).permute(0, 3, 1, 2).float()
+        self.size, self.seed, self.plain = size, seed, plain
+        self.p_mosaic, self.p_mix = p_mosaic, p_mix
+
+    def _crop(self, g, i, size):
+        img = self.x[i]
+        if self.plain:
+            return F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        area = float(torch.empty(1).uniform_(0.25, 1.0, generator=g))
+        logr = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
+        w = int(round(min(32, 32 * np.sqrt(area * np.exp(logr)))))
+        h = int(round(min(32, 32 * np.sqrt(area / np.exp(logr)))))
+        t = int(torch.randint(0, 32 - h + 1, (1,), generator=g))
+        l = int(torch.randint(0, 32 - w + 1, (1,), generator=g))
+        c = img[:, t:t + h, l:l + w]
+        if float(torch.rand(1, generator=g)) < 0.5:
+            c = c.flip(2)
+        return F.interpolate(c[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    def batch(self, n: int, step: int) -> torch.Tensor:
+        """uint8-valued float NCHW batch number `step`."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        pick = lambda: int(torch.randint(0, len(self.x), (1,), generator=g))  # noqa: E731
+        out = torch.empty(n, 3, self.size, self.size)
+        s, h = self.size, self.size // 2
+        for j in range(n):
+            r = float(torch.rand(1, generator=g))
+            if self.plain:
+                out[j] = self._crop(g, (step * n + j) % len(self.x), s)
+            elif r < self.p_mosaic:
+                for (a, b) in ((0, 0), (0, h), (h, 0), (h, h)):
+                    out[j, :, a:a + h, b:b + h] = self._crop(g, pick(), h)
+            elif r < self.p_mosaic + self.p_mix:
+                lam = float(torch.empty(1).uniform_(0.3, 0.7, generator=g))
+                out[j] = lam * self._crop(g, pick(), s) + (1 - lam) * self._crop(g, pick(), s)
+            else:
+                out[j] = self._crop(g, pick(), s)
+        return out.round_().clamp_(0, 255)
+
+
+def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):
+    """ImageNet dev images (reporting only) -> (uint8 NCHW-valued float tensor, labels, names)."""
+    from ternet.preprocess import preprocess
+    rows = [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
+    cls = {syn: int(i) for i, syn, _ in rows}
+    paths = sorted(Path(root).glob("*.JPEG"))
+    xs = np.stack([preprocess(str(p), preprocess_spec, input_spec) for p in paths])
+    labels = np.array([cls[p.name.split("_")[0]] for p in paths])
+    return torch.from_numpy(xs).permute(0, 3, 1, 2).float(), labels, [p.name for p in paths]
+
+
+def imagenet_labels() -> list[str]:
+    rows = [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
+    return [name for _, _, name in rows]

@@ -1,0 +1,102 @@
+"""PROM quantization-aware training with knowledge distillation, resumable.
+
+The student is a QuantGraph in `fake` mode (ternary / hybrid / int8 weights with STE, uint8
+activations with fixed calibrated ranges); the teacher is the same folded network in `float`
+mode. Loss: KL(teacher || student) on temperature-softened logits (labels are never used).
+Inputs: augmented, upscaled CIFAR-10 train images. Checkpoints are written atomically every
+`save_every` seconds to <out>/ckpt.pt; running the same command again resumes from it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .fakequant import QuantGraph
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_ckpt(path, g: QuantGraph, **extra) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"desc": g.describe(), "state": g.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path) -> tuple[QuantGraph, dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return QuantGraph.from_description(ck["desc"], ck["state"]), ck
+
+
+# ---------------------------------------------------------------------------- weight assignment
+
+def prom_layers(g: QuantGraph, head: bool = True) -> list[str]:
+    """The pointwise layers PROM makes ternary: every block pointwise (+ the head conv)."""
+    return [n["name"] for n in g.nodes("pointwise") if n["name"] != "head" or head]
+
+
+def kd_loss(student, teacher, T: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+@torch.no_grad()
+def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: float) -> dict:
+    g.mode, teacher.mode = "fake", "float"
+    s = torch.cat([g(g.input_real(b)) for b in x.split(32)])
+    t = torch.cat([teacher(teacher.input_real(b)) for b in x.split(32)])
+    return {"kd": float(kd_loss(s, t, T)), "agree_top1": float((s.argmax(1) == t.argmax(1)).float().mean())}
+
+
+def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: int, batch: int,
+          lr: float, T: float, save_every: float, eval_every: int, log, start_step: int = 0,
+          opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=()) -> QuantGraph:
+    """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds."""
+    params = list(g.weight.values()) + list(g.bias.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    teacher.mode = "float"
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    step, last_save, t0 = start_step, time.time(), time.time()
+    extra = dict(extra or {})
+
+    def save():
+        save_ckpt(ckpt_path, g, opt=opt.state_dict(), step=step, **extra)
+
+    while step < steps:
+        if ramp:                                   # progressive ternarization, layer by layer
+            n_on = min(len(ramp_layers), math.ceil(len(ramp_layers) * (step + 1) / ramp))
+            for name in ramp_layers[:n_on]:
+                if g.wmode[name] != "ternary":
+                    g.set_wmode(name, "ternary")
+        cur = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for grp in opt.param_groups:
+            grp["lr"] = cur
+        x = aug.batch(batch, step)
+        with torch.no_grad():
+            tl = teacher(teacher.input_real(x))
+        g.mode = "fake"
+        loss = kd_loss(g(g.input_real(x)), tl, T)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 10 == 0:
+            rate = 10 * batch / (time.time() - t0)
+            t0 = time.time()
+            log(f"step {step}/{steps} loss {loss.item():.4f} lr {cur:.2e} {rate:.2f} img/s")
+        if eval_every and step % eval_every == 0:
+            log(f"heldout step {step}: {heldout_metrics(g, teacher, held_x, T)}")
+        if time.time() - last_save > save_every:
+            save()
+            last_save = time.time()
+            log(f"saved {ckpt_path} at step {step}")
+    save()
+    return g
