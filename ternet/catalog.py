@@ -121,15 +121,19 @@ def bundled_summaries() -> list[ModelSummary]:
 def default_model() -> str:
     """The most accurate bundled ImageNet model whose pointwise convs are all ternary.
 
-    `TERNET_MODEL` overrides; models without a recorded top-1 rank last; with no candidate
-    the name `efficientnet_lite0_prom` is returned (its absence is reported when loading).
+    `TERNET_MODEL` overrides; models without a recorded top-1 rank last. With no all-ternary
+    model bundled, the most accurate one with ternary pointwise filters (hybrid) is used, then
+    the most accurate bundled ImageNet model; with none at all, `efficientnet_lite0_prom` (its
+    absence is reported when loading).
     """
     env = os.environ.get("TERNET_MODEL")
     if env:
         return env
-    cands = [s for s in bundled_summaries() if s.is_imagenet and s.pointwise == "ternary"]
-    if not cands:
-        return FALLBACK_DEFAULT
-    best = max(cands, key=lambda s: (s.top1 if s.top1 is not None else -1.0,
-                                     s.name == FALLBACK_DEFAULT))
-    return best.name
+    imagenet = [s for s in bundled_summaries() if s.is_imagenet]
+    for kinds in (("ternary",), ("hybrid", "mixed"), None):
+        cands = [s for s in imagenet if kinds is None or s.pointwise in kinds]
+        if cands:
+            best = max(cands, key=lambda s: (s.top1 if s.top1 is not None else -1.0,
+                                             s.name == FALLBACK_DEFAULT))
+            return best.name
+    return FALLBACK_DEFAULT

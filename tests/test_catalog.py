@@ -63,6 +63,8 @@ def test_default_is_most_accurate_ternary_imagenet_model(weights):
 def test_default_falls_back_and_env_overrides(weights, monkeypatch):
     assert default_model() == FALLBACK_DEFAULT
     fake_model(weights / "x.safetensors", ("int8",))
-    assert default_model() == FALLBACK_DEFAULT
+    assert default_model() == "x"                       # no ternary model: best ImageNet model
+    fake_model(weights / "y.safetensors", ("ternary", "hybrid"), metrics={"top1": 10.0})
+    assert default_model() == "y"                       # ternary filters beat int8-only
     monkeypatch.setenv("TERNET_MODEL", "/some/where.safetensors")
     assert default_model() == "/some/where.safetensors"
