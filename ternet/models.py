@@ -8,14 +8,11 @@ SUFFIX = ".safetensors"
 
 
 def weights_dirs() -> list[Path]:
-    """Where bundled weights live: the source checkout's weights/, then the installed copy."""
-    dirs = [Path(__file__).resolve().parent.parent / "weights"]
-    try:
-        from importlib.resources import files
-        dirs.append(Path(str(files("ternet.weights"))))
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    return [d for d in dirs if d.is_dir()]
+    """Where bundled weights live: the source checkout's weights/, then the installed copy
+    (pyproject maps weights/ to the package data directory ternet/weights/)."""
+    here = Path(__file__).resolve().parent
+    dirs = [here.parent / "weights", here / "weights"]
+    return [d for d in dirs if d.is_dir() and any(d.glob("*" + SUFFIX))]
 
 
 @dataclass(frozen=True)
