@@ -65,9 +65,7 @@ def make_add(za, ma, zb, mb, zp_out, lo, hi) -> AddPlan:
 # ---------------------------------------------------------------------------------------------
 # Global average pool
 
-def pool_multiplier(s_in, s_out, hw) -> np.float32:
-    """Requant multiplier of an average over hw pixels: s_in / (s_out * hw) in float64, rounded once."""
-    return np.float32(np.float64(s_in) / (np.float64(s_out) * np.float64(hw)))
+pool_multiplier = quant.pool_multiplier     # the rule lives in quant.py
 
 
 def gap_ref(x, zx, mult, zp_out) -> np.ndarray:
@@ -131,9 +129,7 @@ def make_gap(channels, hw, zx, mult, zp_out) -> GapPlan:
 # ---------------------------------------------------------------------------------------------
 # Fully connected classifier -> float32 logits
 
-def linear_scale(s_in, s_w) -> np.ndarray:
-    """Per-output float32 logit scale s_in * s_w[c], computed in float64 and rounded once."""
-    return quant.requant_multiplier(s_in, s_w, 1.0)
+linear_scale = quant.logit_scale            # the rule lives in quant.py
 
 
 def linear_acc_ref(x, zx, w, bias) -> np.ndarray:
