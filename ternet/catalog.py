@@ -122,15 +122,15 @@ def default_model() -> str:
     """The most accurate bundled ImageNet model whose pointwise convs are all ternary.
 
     `TERNET_MODEL` overrides; models without a recorded top-1 rank last. With no all-ternary
-    model bundled, the most accurate one with ternary pointwise filters (hybrid) is used, then
-    the most accurate bundled ImageNet model; with none at all, `efficientnet_lite0_prom` (its
-    absence is reported when loading).
+    model bundled, the most accurate bundled ImageNet model (whatever its weights: the command
+    must name what is in the photo); with none at all, `efficientnet_lite0_prom` (its absence is
+    reported when loading).
     """
     env = os.environ.get("TERNET_MODEL")
     if env:
         return env
     imagenet = [s for s in bundled_summaries() if s.is_imagenet]
-    for kinds in (("ternary",), ("hybrid", "mixed"), None):
+    for kinds in (("ternary",), None):
         cands = [s for s in imagenet if kinds is None or s.pointwise in kinds]
         if cands:
             best = max(cands, key=lambda s: (s.top1 if s.top1 is not None else -1.0,

@@ -65,6 +65,8 @@ def test_default_falls_back_and_env_overrides(weights, monkeypatch):
     fake_model(weights / "x.safetensors", ("int8",))
     assert default_model() == "x"                       # no ternary model: best ImageNet model
     fake_model(weights / "y.safetensors", ("ternary", "hybrid"), metrics={"top1": 10.0})
-    assert default_model() == "y"                       # ternary filters beat int8-only
+    assert default_model() == "y"                       # recorded accuracy beats none
+    fake_model(weights / "z.safetensors", ("int8",), metrics={"top1": 80.0})
+    assert default_model() == "z"                       # no all-ternary model: most accurate
     monkeypatch.setenv("TERNET_MODEL", "/some/where.safetensors")
     assert default_model() == "/some/where.safetensors"
