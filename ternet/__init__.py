@@ -6,7 +6,7 @@
 
 Importing ternet is cheap: numba is imported (never compiled) only when a model is loaded.
 """
-from .format import ModelFormatError
+from .errors import ModelFormatError
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "ModelFormatError", "__version__"]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ModelFormatError
+
 FORMAT_TAG = "ternet"
 FORMAT_VERSION = 1
 OPS = ("conv2d", "pointwise", "depthwise", "add", "global_avg_pool", "linear")
@@ -26,10 +28,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 # 2-bit ternary codes (BitNet I2_S style): code = w + 1; 3 is invalid.
 CODE_INVALID = 3
-
-
-class ModelFormatError(ValueError):
-    """A model file is missing, unreadable or inconsistent; the message names file and place."""
 
 
 # ---------------------------------------------------------------------------- ternary packing
