@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 
-from . import quant
 from .format import ModelFile, pointwise_weight, read_model
 from .kernels.layout import pad_to, rows_for
 from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, Shape
-from .reference import node_qparams, padding_of, requant_params, run_reference
+from .reference import (add_params, node_qparams, padding_of, pool_params, requant_params,
+                        run_reference)
 
 KERNEL_CHOICES = ("auto", "vnni", "avx2", "addonly", "plain", "reference")
 MAX_CHUNK = 32        # images per internal batch: bounds arena memory for huge batches
@@ -27,11 +27,7 @@ def pointwise_impl(requested: str, weight: str) -> str:
     from .kernels import cpu
     ternary = weight in ("ternary", "hybrid")
     if requested == "auto":
-        if cpu.has_avx512vnni():
-            return "vnni"
-        if cpu.has_avx2():
-            return "avx2"       # ternary layers: vpmaddubsw; int8 and hybrid: the exact vpmaddwd one
-        return "addonly" if ternary else "plain"
+        return cpu.auto_impl(ternary)
     if requested == "vnni":
         if not cpu.has_avx512vnni():
             raise RuntimeError("kernels='vnni' needs a CPU with AVX-512 VNNI; this one has none")
@@ -48,9 +44,11 @@ def pointwise_impl(requested: str, weight: str) -> str:
 def int8_impl(requested: str) -> str:
     """Kernel for the int8 GEMM behind the stem conv."""
     from .kernels import cpu
-    if requested in ("auto", "vnni") and cpu.has_avx512vnni():
+    if requested == "auto":
+        return cpu.auto_impl(ternary=False)
+    if requested == "vnni" and cpu.has_avx512vnni():
         return "vnni"
-    if requested in ("auto", "avx2") and cpu.has_avx2():
+    if requested == "avx2" and cpu.has_avx2():
         return "avx2"
     return "plain"
 
@@ -201,16 +199,10 @@ def _build(mf: ModelFile, kernels: str):
                                   lo, hi, pointwise_impl(kernels, a["weight"]))
             layers.append(Pointwise(src, i + 1, s, plan))
         elif node.op == "add":
-            sa, za = node_qparams(mf, node.inputs[0])
-            sb, zb = node_qparams(mf, node.inputs[1])
-            so, zo = node_qparams(mf, node.name)
-            ma, mb = quant.add_multipliers(sa, sb, so)
-            lo, hi = quant.activation_bounds(a["activation"], so, zo)
-            layers.append(Add(src, ids[node.inputs[1]], i + 1, s, make_add(za, ma, zb, mb, zo, lo, hi)))
+            plan = make_add(*add_params(mf, node))
+            layers.append(Add(src, ids[node.inputs[1]], i + 1, s, plan))
         elif node.op == "global_avg_pool":
-            s_in, _ = node_qparams(mf, node.inputs[0])
-            so, zo = node_qparams(mf, node.name)
-            plan = make_gap(s.c, s.h * s.w, zx, quant.pool_multiplier(s_in, so, s.h * s.w), zo)
+            plan = make_gap(s.c, s.h * s.w, zx, *pool_params(mf, node, s.h * s.w))
             layers.append(GlobalAvgPool(src, i + 1, s, plan))
         else:  # linear: the graph output
             s_in, _ = node_qparams(mf, node.inputs[0])

@@ -145,6 +145,13 @@ def conv_padding(mode: str, size: int, k: int, stride: int) -> tuple[int, int, i
     raise ValueError(f"unknown padding {mode!r}; expected 'same' or 'symmetric'")
 
 
+def conv_geometry(mode: str, h: int, w: int, k: int, stride: int) -> tuple[int, int, int, int]:
+    """(pad_top, pad_left, Ho, Wo) of a k x k conv with `mode` padding on an h x w input."""
+    ho, pt, _ = conv_padding(mode, h, k, stride)
+    wo, pl, _ = conv_padding(mode, w, k, stride)
+    return pt, pl, ho, wo
+
+
 def logit_scale(s_in, s_w) -> np.ndarray:
     """Per-class float32 factor turning the classifier's int32 accumulator into logits."""
     return np.ascontiguousarray(np.float64(s_in) * np.asarray(s_w, np.float64), dtype=np.float32)

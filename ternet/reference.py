@@ -31,9 +31,24 @@ def requant_params(mf: ModelFile, node) -> tuple[np.ndarray, int, int, int]:
 def padding_of(node, h: int, w: int) -> tuple[int, int, int, int]:
     """(pad_top, pad_left, Ho, Wo) of a conv/depthwise node on an h x w input."""
     a = node.attrs
-    ho, pt, _ = quant.conv_padding(a["padding"], h, a["kernel"], a["stride"])
-    wo, pl, _ = quant.conv_padding(a["padding"], w, a["kernel"], a["stride"])
-    return pt, pl, ho, wo
+    return quant.conv_geometry(a["padding"], h, w, a["kernel"], a["stride"])
+
+
+def add_params(mf: ModelFile, node) -> tuple:
+    """(za, ma, zb, mb, zp_out, lo, hi) of a residual add node, by the rules of ternet.quant."""
+    sa, za = node_qparams(mf, node.inputs[0])
+    sb, zb = node_qparams(mf, node.inputs[1])
+    so, zo = node_qparams(mf, node.name)
+    ma, mb = quant.add_multipliers(sa, sb, so)
+    lo, hi = quant.activation_bounds(node.attrs["activation"], so, zo)
+    return za, ma, zb, mb, zo, lo, hi
+
+
+def pool_params(mf: ModelFile, node, hw: int) -> tuple[np.float32, int]:
+    """(mult, zp_out) of a global average pool over hw pixels."""
+    s_in, _ = node_qparams(mf, node.inputs[0])
+    so, zo = node_qparams(mf, node.name)
+    return quant.pool_multiplier(s_in, so, hw), zo
 
 
 def run_reference(mf: ModelFile, x: np.ndarray) -> np.ndarray:
@@ -64,17 +79,11 @@ def run_reference(mf: ModelFile, x: np.ndarray) -> np.ndarray:
             y = pointwise_ref(src.reshape(-1, c), zx, pointwise_weight(mf, node),
                               mf.tensor(node, "bias"), mult, zp, lo, hi).reshape(n, h, w, -1)
         elif node.op == "add":
-            sa, za = node_qparams(mf, node.inputs[0])
-            sb, zb = node_qparams(mf, node.inputs[1])
-            so, zo = node_qparams(mf, node.name)
-            ma, mb = quant.add_multipliers(sa, sb, so)
-            lo, hi = quant.activation_bounds(a["activation"], so, zo)
+            za, ma, zb, mb, zo, lo, hi = add_params(mf, node)
             y = quant.add_ref(src, za, ma, vals[node.inputs[1]], zb, mb, zo, lo, hi)
         elif node.op == "global_avg_pool":
-            s_in, _ = node_qparams(mf, node.inputs[0])
-            so, zo = node_qparams(mf, node.name)
             n, h, w, c = src.shape
-            y = gap_ref(src.reshape(n, h * w, c), zx, quant.pool_multiplier(s_in, so, h * w), zo)
+            y = gap_ref(src.reshape(n, h * w, c), zx, *pool_params(mf, node, h * w))
             y = y.reshape(n, 1, 1, c)
         elif node.op == "linear":
             s_in, _ = node_qparams(mf, node.inputs[0])

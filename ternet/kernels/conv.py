@@ -25,22 +25,29 @@ I32_MAX = 2**31 - 1
 # ---------------------------------------------------------------------------------------------
 # Reference
 
+def tap_windows(x, zx, k, stride, pad_top, pad_left, Ho, Wo):
+    """Yield (ky, kx, int64 [N,Ho,Wo,C] window of x - zx) for every tap of a k x k conv: x is padded
+    explicitly with its zero point (real value 0); rows/cols the output never reaches are cropped."""
+    N, H, W, C = x.shape
+    Hn, Wn = (Ho - 1) * stride + k, (Wo - 1) * stride + k
+    xp = np.full((N, max(Hn, pad_top + H), max(Wn, pad_left + W), C), zx, np.int64)
+    xp[:, pad_top:pad_top + H, pad_left:pad_left + W] = x
+    xp -= np.int64(zx)
+    for ky in range(k):
+        for kx in range(k):
+            yield ky, kx, xp[:, ky:ky + stride * (Ho - 1) + 1:stride, kx:kx + stride * (Wo - 1) + 1:stride]
+
+
 def conv_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo) -> np.ndarray:
     """int32 accumulators: x u8[N,H,W,Cin], w i8[Cout,k,k,Cin], bias i32[Cout] -> i32[N,Ho,Wo,Cout]."""
     x = np.asarray(x)
     N, H, W, Cin = x.shape
     Cout, k = w.shape[0], w.shape[1]
     assert w.shape == (Cout, k, k, Cin)
-    Hn, Wn = (Ho - 1) * stride + k, (Wo - 1) * stride + k
-    xp = np.full((N, max(Hn, pad_top + H), max(Wn, pad_left + W), Cin), zx, np.int64)
-    xp[:, pad_top:pad_top + H, pad_left:pad_left + W] = x
-    xp -= np.int64(zx)
     acc = np.zeros((N, Ho, Wo, Cout), np.int64) + np.asarray(bias, np.int64)
     w64 = np.asarray(w, np.int64)
-    for ky in range(k):
-        for kx in range(k):
-            win = xp[:, ky:ky + stride * (Ho - 1) + 1:stride, kx:kx + stride * (Wo - 1) + 1:stride]
-            acc += win @ w64[:, ky, kx, :].T
+    for ky, kx, win in tap_windows(x, zx, k, stride, pad_top, pad_left, Ho, Wo):
+        acc += win @ w64[:, ky, kx, :].T
     assert np.all(np.abs(acc) <= I32_MAX), "accumulator overflows int32"
     return acc.astype(np.int32)
 

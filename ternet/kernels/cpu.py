@@ -71,6 +71,15 @@ def has_avx2() -> bool:
     return can_run("avx2")
 
 
+def auto_impl(ternary: bool) -> str:
+    """The fastest exact pointwise kernel family for this CPU and weight kind."""
+    if has_avx512vnni():
+        return "vnni"
+    if has_avx2():
+        return "avx2"       # ternary: vpmaddubsw; int8 (and hybrid) weights: the exact vpmaddwd kernel
+    return "addonly" if ternary else "plain"
+
+
 def requested_impl() -> str:
     """The TERNET_KERNELS override: 'auto' (default) or one of IMPLS."""
     v = os.environ.get("TERNET_KERNELS", "auto").strip().lower() or "auto"
@@ -87,11 +96,7 @@ def best_pointwise_impl(ternary: bool) -> str:
     weights (ValueError), `vnni`/`avx2` need the CPU feature (RuntimeError)."""
     req = requested_impl()
     if req == "auto":
-        if has_avx512vnni():
-            return "vnni"
-        if has_avx2():
-            return "avx2"
-        return "addonly" if ternary else "plain"
+        return auto_impl(ternary)
     if req == "addonly" and not ternary:
         raise ValueError(f"TERNET_KERNELS={req} needs ternary weights")
     if req == "vnni" and not has_avx512vnni():

@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 from .. import quant
 from . import cpu
 from ._jit import U, kernel
+from .conv import tap_windows
 from .layout import CH_ALIGN, pad_to
 
 MAX_TAPS = 50                    # k*k rounded up to a pair, k <= 7
@@ -62,17 +63,10 @@ def depthwise_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo) -> np.n
     N, H, W, C = x.shape
     k = w.shape[0]
     assert w.shape == (k, k, C) and np.asarray(bias).shape == (C,)
-    # Explicit padding with the zero point; rows/cols the output never reaches are cropped.
-    Hn, Wn = (Ho - 1) * stride + k, (Wo - 1) * stride + k
-    xp = np.full((N, max(Hn, pad_top + H), max(Wn, pad_left + W), C), zx, np.int64)
-    xp[:, pad_top:pad_top + H, pad_left:pad_left + W] = x
-    xp -= np.int64(zx)
     acc = np.zeros((N, Ho, Wo, C), np.int64) + np.asarray(bias, np.int64)
     w64 = np.asarray(w, np.int64)
-    for ky in range(k):
-        for kx in range(k):
-            acc += w64[ky, kx] * xp[:, ky:ky + stride * (Ho - 1) + 1:stride,
-                                    kx:kx + stride * (Wo - 1) + 1:stride]
+    for ky, kx, win in tap_windows(x, zx, k, stride, pad_top, pad_left, Ho, Wo):
+        acc += w64[ky, kx] * win
     assert np.all(np.abs(acc) <= I32_MAX), "accumulator overflows int32"
     return acc.astype(np.int32)
 

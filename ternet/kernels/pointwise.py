@@ -31,7 +31,7 @@ from numba import prange
 from .. import quant
 from ._jit import U, kernel
 from .cpu import IMPLS
-from .layout import CH_ALIGN, ROW_SLACK, pad_to
+from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
 
 TILE = 128          # pixels per tile and the row stride of the channel-major scratch
 CHUNK = 128         # rows summed in int16 before widening: 128 * 255 = 32640 <= 32767
@@ -510,15 +510,7 @@ class PwPlainPlan:
         return s
 
     def _check(self, x, P, out, out_dtype):
-        if x.shape[1] != self.cin_p or out.shape[1] != self.cout_p:
-            raise ValueError(f"expected x[:, {self.cin_p}] and out[:, {self.cout_p}], "
-                             f"got {x.shape} and {out.shape}")
-        if P < 0 or x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK:
-            raise ValueError(f"P={P} needs rows >= P + {ROW_SLACK}, got {x.shape[0]}, {out.shape[0]}")
-        if x.dtype != _U8 or out.dtype != out_dtype:
-            raise TypeError(f"expected x uint8 and out {out_dtype}, got {x.dtype} and {out.dtype}")
-        if not (x.flags.c_contiguous and out.flags.c_contiguous):
-            raise ValueError("x and out must be C-contiguous")
+        check_pw_buffers(x, P, out, self.cin_p, self.cout_p, out_dtype)
 
     def _work(self, P, parallel=True):
         """Pixel ranges for P pixels. Small layers never ask for the thread count (1 us)."""

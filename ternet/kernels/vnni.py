@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from .. import quant
 from . import cpu
 from ._jit import kernel
-from .layout import CH_ALIGN, ROW_SLACK, pad_to
+from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
 
 PANEL_BYTES = 1 << 15      # input + output bytes of a pixel panel (see _Emitter.chunk)
 PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
@@ -484,13 +484,7 @@ class PwVnniPlan:
     _chunks: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def _check(self, x, P, out, out_dtype):
-        if x.shape[1] != self.cin_p or out.shape[1] != self.cout_p:
-            raise ValueError(f"expected x[:, {self.cin_p}] and out[:, {self.cout_p}], "
-                             f"got {x.shape} and {out.shape}")
-        if P < 0 or x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK:
-            raise ValueError(f"P={P} needs rows >= P + {ROW_SLACK}, got {x.shape[0]}, {out.shape[0]}")
-        if x.dtype != _U8 or out.dtype != out_dtype:
-            raise TypeError(f"expected x uint8 and out {out_dtype}, got {x.dtype} and {out.dtype}")
+        check_pw_buffers(x, P, out, self.cin_p, self.cout_p, out_dtype)
 
     def _work(self, P):
         """(driver, chunks) for P pixels. Small layers never ask for the thread count (1 us)."""
@@ -506,7 +500,8 @@ class PwVnniPlan:
     def __call__(self, x, P, out):
         """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
         if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
-                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0):
+                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0
+                or not x.flags.c_contiguous or not out.flags.c_contiguous):
             self._check(x, P, out, _U8)
         if P:
             driver, chunks = self._work(P)
