@@ -31,12 +31,6 @@ def conv_layers(draw):
     return N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, draw(st.integers(0, 2**32 - 1))
 
 
-def geometry(H, W, k, stride, mode):
-    Ho, pt, _ = quant.conv_padding(mode, H, k, stride)
-    Wo, pl, _ = quant.conv_padding(mode, W, k, stride)
-    return Ho, Wo, pt, pl
-
-
 def im2col_ref(x, zx, k, stride, pt, pl, Ho, Wo, Kp):
     """Rows (n, oy, ox), columns (ky, kx, ci), zx outside the image, zeros past k*k*Cin."""
     N, H, W, Cin = x.shape
@@ -65,7 +59,7 @@ def make_data(rng, N, H, W, cin, cout, k):
 def test_im2col_matches_numpy(case):
     N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
-    Ho, Wo, pt, pl = geometry(H, W, k, stride, mode)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
     x = rng.integers(0, 256, (N, H, W, cin), dtype=np.uint8)
     Kp = pad_to(k * k * cin)
     P = N * Ho * Wo
@@ -83,7 +77,7 @@ def test_im2col_matches_numpy(case):
 def test_conv_matches_reference(impl, case):
     N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
-    Ho, Wo, pt, pl = geometry(H, W, k, stride, mode)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
     x, w, bias = make_data(rng, N, H, W, cin, cout, k)
     acc = conv.conv_acc_ref(x, zx, w, bias, stride, pt, pl, Ho, Wo)
     span = max(1, int(acc.max()) - int(acc.min()))
@@ -105,7 +99,7 @@ def test_padding_equals_explicit_zero_point_border(case):
     """'same'/'symmetric' padding == the same conv on an input padded with zx and no padding."""
     N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
-    Ho, Wo, pt, pl = geometry(H, W, k, stride, mode)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
     x, w, bias = make_data(rng, N, H, W, cin, cout, k)
     Hp, Wp = max((Ho - 1) * stride + k, pt + H), max((Wo - 1) * stride + k, pl + W)
     xp = np.full((N, Hp, Wp, cin), zx, np.uint8)
@@ -127,7 +121,7 @@ def test_stem_shape_and_scratch_growth():
     and is reused for smaller ones."""
     rng = np.random.default_rng(1)
     H = W = 224
-    Ho, Wo, pt, pl = geometry(H, W, 3, 2, "same")
+    pt, pl, Ho, Wo = quant.conv_geometry("same", H, W, 3, 2)
     x, w, bias = make_data(rng, 3, H, W, 3, 32, 3)
     mult = np.full(32, 2e-4, np.float32)
     plan = conv.make_conv(w, bias, 128, mult, 5, 5, 255, 2, pt, pl, H, W, Ho, Wo, impl="plain")

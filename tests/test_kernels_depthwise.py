@@ -33,12 +33,6 @@ def dw_layers(draw):
     return N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, draw(st.integers(0, 2**32 - 1))
 
 
-def geometry(H, W, k, stride, mode):
-    Ho, pt, _ = quant.conv_padding(mode, H, k, stride)
-    Wo, pl, _ = quant.conv_padding(mode, W, k, stride)
-    return Ho, Wo, pt, pl
-
-
 def make_data(rng, N, H, W, C, k, wmin=-128):
     """Full range: x contains 0 and 255, w reaches wmin and 127."""
     x = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
@@ -79,7 +73,7 @@ def output(N, Ho, Wo, Cp, dtype=np.uint8, extra=3):
 def run(case, wmin=-128):
     N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
-    Ho, Wo, pt, pl = geometry(H, W, k, stride, mode)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
     x, w, bias = make_data(rng, N, H, W, C, k, wmin)
     acc = dw.depthwise_acc_ref(x, zx, w, bias, stride, pt, pl, Ho, Wo)
     mult = pick_mult(rng, acc, C)
@@ -163,7 +157,7 @@ def test_unit_1x1_is_identity_on_centred_input(case):
     N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
-    Ho, Wo, pt, pl = geometry(H, W, 1, stride, mode)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, 1, stride)
     plan = dw.make_depthwise(np.ones((1, 1, C), np.int8), np.zeros(C, np.int32), zx,
                              np.ones(C, np.float32), zp_out, lo, hi, stride, pt, pl, H, W, Ho, Wo)
     _, x4 = activation(rng, x, plan.cp)
@@ -191,7 +185,7 @@ def test_mobilenet_shape_and_batch():
     """A real layer shape (MobileNetV2 block 2, stride 2, 'same') with batch 2 and 2 threads."""
     rng = np.random.default_rng(0)
     N, H, W, C, k, s = 2, 56, 56, 144, 3, 2
-    Ho, Wo, pt, pl = geometry(H, W, k, s, "same")
+    pt, pl, Ho, Wo = quant.conv_geometry("same", H, W, k, s)
     x, w, bias = make_data(rng, N, H, W, C, k)
     acc = dw.depthwise_acc_ref(x, 7, w, bias, s, pt, pl, Ho, Wo)
     mult = pick_mult(rng, acc, C)

@@ -3,8 +3,6 @@
 pw_t2_u8_addonly (ternary index lists; hybrid layers' non-ternary rows dense) and pw_i8_u8_plain
 (dense int8) run everywhere, so every test runs on every CPU.
 """
-import ctypes
-import mmap
 import os
 import subprocess
 import sys
@@ -17,52 +15,10 @@ from hypothesis import given, strategies as st
 from ternet import quant
 from ternet.kernels import pointwise as pw
 from ternet.kernels.layout import ROW_SLACK
+from pw_cases import POISON, buffers, check_untouched, guarded, make_case, pick_mult
 
 IMPLS = ["addonly", "plain"]
-POISON = 0xA5
 MAKE = {"addonly": pw.make_pw_addonly, "plain": pw.make_pw_plain}
-
-
-def make_case(rng, P, cin, cout, kind, zx):
-    """Full-range data: x has 0 and 255; kind ternary (~50% zeros), int8 (reaches -128 and 127)
-    or hybrid (ternary rows, and about a third of the rows int8)."""
-    x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
-    x.flat[rng.integers(0, x.size, 2)] = (0, 255)
-    tern = (rng.integers(-1, 2, (cout, cin)) * (rng.random((cout, cin)) < 0.75)).astype(np.int8)
-    full = rng.integers(-128, 128, (cout, cin), dtype=np.int8)
-    full.flat[rng.integers(0, full.size, 2)] = (-128, 127)
-    if kind == "ternary":
-        w = tern
-    elif kind == "int8":
-        w = full
-    else:
-        w = np.where((rng.random(cout) < 0.35)[:, None], full, tern).astype(np.int8)
-    bias = rng.integers(-50000, 50000, cout, dtype=np.int32)
-    return x, w, bias
-
-
-def pick_mult(rng, acc, cout):
-    """Multipliers from the observed accumulator range (TFLite's PickReasonableMultiplier idea), so
-    outputs spread over [0, 255] instead of saturating; sometimes a power of two, which makes
-    exact .5 ties (round-half-up) frequent."""
-    span = max(1, int(acc.max()) - int(acc.min()))
-    if rng.random() < 0.25:
-        return np.full(cout, 2.0 ** np.floor(np.log2(255 / span)), np.float32)
-    return (rng.uniform(0.3, 3.0, cout) * 255 / span).astype(np.float32)
-
-
-def buffers(x, P, cin_p, cout_p, rng, extra=3, out_dtype=np.uint8):
-    """x in a padded buffer with garbage in its slack rows and pad columns; a poisoned output
-    with `extra` sentinel rows past the P + ROW_SLACK the kernel may touch."""
-    xb = rng.integers(0, 256, (P + ROW_SLACK, cin_p), dtype=np.uint8)
-    xb[:P, :x.shape[1]] = x
-    out = np.empty((P + ROW_SLACK + extra, cout_p), out_dtype)
-    out.view(np.uint8)[...] = POISON
-    return xb, out
-
-
-def check_untouched(out, P):
-    assert (out[P + ROW_SLACK:].view(np.uint8) == POISON).all(), "wrote past the ROW_SLACK rows"
 
 
 def run(plan, xb, P, out):
@@ -335,31 +291,16 @@ def test_scratch_grows_with_the_thread_count():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_access_past_the_buffers(impl):
     """x and out end right before a PROT_NONE page: any read/write past row P + ROW_SLACK faults."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
     rng = np.random.default_rng(3)
     for P, cin, cout in [(1, 20, 40), (5, 64, 16), (49, 33, 50), (129, 16, 8)]:
         x, w, bias = make_case(rng, P, cin, cout, "hybrid" if impl == "addonly" else "int8", 4)
         mult = pick_mult(rng, pw.pointwise_acc_ref(x, 4, w, bias), cout)
         plan = MAKE[impl](w, bias, 4, mult, 10, 0, 255)
-        shapes = [(P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)]
-        maps, arrs = [], []
-        for shape in shapes:
-            n = shape[0] * shape[1]
-            npages = -(-n // page)
-            mm = mmap.mmap(-1, (npages + 1) * page)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-            assert libc.mprotect(ctypes.c_void_p(base + npages * page), page, 0) == 0
-            arrs.append(np.frombuffer(mm, np.uint8, n, npages * page - n).reshape(shape))
-            maps.append((mm, base, npages))
-        xb, out = arrs
-        xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
-        xb[:P, :cin] = x
-        plan(xb, P, out)
-        np.testing.assert_array_equal(out[:P, :cout], pw.pointwise_ref(x, 4, w, bias, mult, 10, 0, 255))
-        del xb, out, arrs
-        for mm, base, npages in maps:
-            libc.mprotect(ctypes.c_void_p(base + npages * page), page, 3)
+        with guarded((P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)) as (xb, out):
+            xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
+            xb[:P, :cin] = x
+            plan(xb, P, out)
+            np.testing.assert_array_equal(out[:P, :cout], pw.pointwise_ref(x, 4, w, bias, mult, 10, 0, 255))
 
 
 # ------------------------------------------------------------------ validation and dispatch

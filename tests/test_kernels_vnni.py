@@ -4,8 +4,6 @@ emu512 (portable IR with vpdpbusd's semantics and the VNNI tiling) runs everywhe
 avx512vnni, avx2 (ternary) and avx2i8 (int8) kernels run where the CPU has them, and the VNNI and
 avx2i8 code is also cross-compiled (Zen 4, Zen 3) to check the instructions it emits.
 """
-import ctypes
-import mmap
 import os
 import subprocess
 import sys
@@ -19,62 +17,14 @@ from ternet import quant
 from ternet.kernels import cpu, vnni
 from ternet.kernels.layout import ROW_SLACK
 
-try:
-    from ternet.kernels.pointwise import pointwise_ref
-except ImportError:     # the reference module is not there yet: same definition, inline
-    def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi):
-        acc = np.asarray(bias, np.int64) + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
-        assert np.abs(acc).max(initial=0) <= 2**31 - 1
-        return quant.requant_ref(acc.astype(np.int32), mult, zp_out, lo, hi)
+from ternet.kernels.pointwise import pointwise_acc_ref as ref_acc, pointwise_ref
+from pw_cases import POISON, buffers, check_untouched, guarded, make_case, pick_mult
 
 EMU = "emu512"
 VNNI = pytest.param("avx512vnni", marks=pytest.mark.skipif(not cpu.has_avx512vnni(), reason="no AVX512-VNNI"))
 AVX2 = pytest.param("avx2", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
 AVX2I8 = pytest.param("avx2i8", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
 ISAS = [EMU, VNNI, AVX2, AVX2I8]  # avx2 with int8 weights runs avx2i8: every isa takes both kinds
-POISON = 0xA5
-
-
-def ref_acc(x, zx, w, bias):
-    return np.asarray(bias, np.int64) + (x.astype(np.int64) - zx) @ w.T.astype(np.int64)
-
-
-def make_case(rng, P, cin, cout, ternary, zx):
-    """Full-range data: x has 0 and 255, int8 weights reach -128 and 127 (ternary ~50% zeros)."""
-    x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
-    x.flat[rng.integers(0, x.size, 2)] = (0, 255)
-    if ternary:
-        w = (rng.integers(-1, 2, (cout, cin)) * (rng.random((cout, cin)) < 0.75)).astype(np.int8)
-    else:
-        w = rng.integers(-128, 128, (cout, cin), dtype=np.int8)
-        w.flat[rng.integers(0, w.size, 2)] = (-128, 127)
-    bias = rng.integers(-50000, 50000, cout, dtype=np.int32)
-    return x, w, bias
-
-
-def pick_mult(rng, acc, cout):
-    """Multipliers from the observed accumulator range (TFLite's PickReasonableMultiplier idea), so
-    outputs spread over [0, 255] instead of saturating; sometimes a power of two, which makes
-    exact .5 ties (round-half-up) frequent."""
-    span = max(1, int(acc.max()) - int(acc.min()))
-    if rng.random() < 0.25:
-        return np.full(cout, 2.0 ** np.floor(np.log2(255 / span)), np.float32)
-    return (rng.uniform(0.3, 3.0, cout) * 255 / span).astype(np.float32)
-
-
-def buffers(x, P, cin_p, cout_p, rng, extra=3, out_dtype=np.uint8):
-    """x in a padded buffer with garbage in its slack rows and pad columns; a poisoned output."""
-    xb = rng.integers(0, 256, (P + ROW_SLACK, cin_p), dtype=np.uint8)
-    xb[:P, :x.shape[1]] = x
-    out = np.empty((P + ROW_SLACK + extra, cout_p), out_dtype)
-    out.view(np.uint8)[...] = POISON
-    return xb, out
-
-
-def check_untouched(out, P):
-    assert (out[P + ROW_SLACK:].view(np.uint8) == POISON).all(), "wrote past the ROW_SLACK rows"
-
-
 @st.composite
 def layers(draw):
     """(P, Cin, Cout, zx, zp_out, lo, hi, seed): odd P down to 1, fan-in up to 1283, any Cout."""
@@ -90,7 +40,7 @@ def layers(draw):
 
 def run_case(isa, ternary, P, cin, cout, zx, zp_out, lo, hi, seed):
     rng = np.random.default_rng(seed)
-    x, w, bias = make_case(rng, P, cin, cout, ternary, zx)
+    x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
     want = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
     plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa)
@@ -122,7 +72,7 @@ def test_int8_matches_reference(isa, case):
 def test_int32_accumulators_exact(isa, case, ternary):
     P, cin, cout, zx, _, _, _, seed = case
     rng = np.random.default_rng(seed)
-    x, w, bias = make_case(rng, P, cin, cout, ternary, zx)
+    x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     plan = vnni.make_pw_vnni(w, bias, zx, np.ones(cout, np.float32), 0, 0, 255, isa=isa)
     xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
     plan.accumulate(xb, P, acc)
@@ -169,7 +119,7 @@ def test_extreme_products(isa, wval):
 def test_negated_weights_negate_accumulator(isa, case, ternary):
     P, cin, cout, _, _, _, _, seed = case
     rng = np.random.default_rng(seed)
-    x, w, _ = make_case(rng, P, cin, cout, ternary, 0)
+    x, w, _ = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", 0)
     w = np.maximum(w, -127)          # symmetric int8, so -w fits
     zero, one = np.zeros(cout, np.int32), np.ones(cout, np.float32)
     accs = []
@@ -237,7 +187,7 @@ def test_results_independent_of_thread_count(isa):
     rng = np.random.default_rng(5)
     P, cin, cout = 397, 96, 200
     assert P * 96 * 208 >= vnni.PAR_MIN_MACS          # big enough to be split
-    x, w, bias = make_case(rng, P, cin, cout, isa == "avx2", 9)
+    x, w, bias = make_case(rng, P, cin, cout, "ternary" if isa == "avx2" else "int8", 9)
     mult = pick_mult(rng, ref_acc(x, 9, w, bias), cout)
     plan = vnni.make_pw_vnni(w, bias, 9, mult, 30, 0, 255, isa=isa)
     xb, _ = buffers(x, P, plan.cin_p, plan.cout_p, rng)
@@ -269,31 +219,16 @@ def test_results_independent_of_thread_count(isa):
 @pytest.mark.parametrize("isa", ISAS)
 def test_no_access_past_the_buffers(isa):
     """x and out end right before a PROT_NONE page: any read/write past row P + ROW_SLACK faults."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
     rng = np.random.default_rng(3)
     for P, cin, cout in [(1, 20, 40), (5, 64, 16), (49, 33, 50)]:
-        x, w, bias = make_case(rng, P, cin, cout, isa == "avx2", 4)
+        x, w, bias = make_case(rng, P, cin, cout, "ternary" if isa == "avx2" else "int8", 4)
         mult = pick_mult(rng, ref_acc(x, 4, w, bias), cout)
         plan = vnni.make_pw_vnni(w, bias, 4, mult, 10, 0, 255, isa=isa)
-        shapes = [(P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)]
-        maps, arrs = [], []
-        for shape in shapes:
-            n = shape[0] * shape[1]
-            npages = -(-n // page)
-            mm = mmap.mmap(-1, (npages + 1) * page)
-            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-            assert libc.mprotect(ctypes.c_void_p(base + npages * page), page, 0) == 0
-            arrs.append(np.frombuffer(mm, np.uint8, n, npages * page - n).reshape(shape))
-            maps.append((mm, base, npages))
-        xb, out = arrs
-        xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
-        xb[:P, :cin] = x
-        plan(xb, P, out)
-        np.testing.assert_array_equal(out[:P, :cout], pointwise_ref(x, 4, w, bias, mult, 10, 0, 255))
-        del xb, out, arrs
-        for mm, base, npages in maps:
-            libc.mprotect(ctypes.c_void_p(base + npages * page), page, 3)
+        with guarded((P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)) as (xb, out):
+            xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
+            xb[:P, :cin] = x
+            plan(xb, P, out)
+            np.testing.assert_array_equal(out[:P, :cout], pointwise_ref(x, 4, w, bias, mult, 10, 0, 255))
 
 
 # ------------------------------------------------------------------ validation and dispatch
