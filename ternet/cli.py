@@ -120,9 +120,12 @@ def _load_model(name: str | None, threads=None, kernels="auto"):
         raise CliError(f"{name}: {e}") from None
 
 
-def _compile_notice(model, kernels: str, quiet: bool):
-    """Print the first-run notice if the kernel cache looks cold; return the marker key."""
+def _compile_notice(model, kernels: str, quiet: bool, batch: int = 1):
+    """Print the first-run notice if the kernel cache looks cold; return the marker key (None
+    when a frozen plan serves this batch size: then numba is not even imported)."""
     from . import jitcache
+    if model.frozen_ready(batch):
+        return None
     sig = jitcache.model_signature(model.file)
     if not quiet and not jitcache.is_warm(kernels, sig):
         _err(f"compiling kernels for this CPU (first run only, ~{COMPILE_ESTIMATE_S} s)...")
@@ -187,10 +190,10 @@ def cmd_classify(args) -> int:
         logits = {}
         if xs:                       # failed images are left out of the batch, not the batch
             if first:
-                sig = _compile_notice(model, args.kernels, args.quiet)
+                sig = _compile_notice(model, args.kernels, args.quiet, len(xs))
             out = model.predict(np.stack(list(xs.values())))
             logits = dict(zip(xs.keys(), out))
-            if first:
+            if first and sig:
                 jitcache.mark_warm(args.kernels, sig)
                 first = False
         for i, path in enumerate(chunk):      # output in input order, failures included
@@ -209,7 +212,8 @@ def cmd_warmup(args) -> int:
     model = _load_model(args.model, args.threads, args.kernels)
     sig = _compile_notice(model, args.kernels, args.quiet)
     seconds = model.warmup()
-    jitcache.mark_warm(args.kernels, sig)
+    if sig:
+        jitcache.mark_warm(args.kernels, sig)
     print(f"kernels ready for {model.path} (kernels={args.kernels}) in {seconds:.1f} s")
     return 0
 
@@ -222,7 +226,8 @@ def cmd_bench(args) -> int:
     model = _load_model(args.model, args.threads, args.kernels)
     sig = _compile_notice(model, args.kernels, args.quiet)
     r = bench_model(model, batch=args.batch_size, rounds=args.rounds)
-    jitcache.mark_warm(args.kernels, sig)
+    if sig:
+        jitcache.mark_warm(args.kernels, sig)
     if args.no_layers:
         r["layers"] = []
     if args.json:

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from . import frozen
 from .format import ModelFile, pointwise_weight, read_model
 from .kernels.layout import pad_to, rows_for
 from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, Shape
@@ -53,6 +54,12 @@ def int8_impl(requested: str) -> str:
     return "plain"
 
 
+def _debug_note(msg: str) -> None:
+    if os.environ.get("TERNET_DEBUG"):
+        import sys
+        print(f"ternet: {msg}", file=sys.stderr)
+
+
 def default_threads() -> int:
     """TERNET_NUM_THREADS, else 1: on a busy machine 2-thread regions stall (kernels.md 3.2)."""
     env = os.environ.get("TERNET_NUM_THREADS")
@@ -70,7 +77,24 @@ class Model:
         self.threads = threads
         self._lock = threading.Lock()
         self._views: dict[int, list] = {}
-        self.layers, self.shapes = ([], []) if kernels == "reference" else _build(mf, kernels)
+        self._frozen: dict[int, object] = {}     # batch size -> FrozenPlan, or False: use numba
+        self._built = None
+        if kernels == "reference":
+            self._built = ([], [])
+        elif not self._frozen_available(1):      # a frozen plan makes building unnecessary
+            self._built = _build(mf, kernels)
+
+    @property
+    def layers(self) -> list:
+        """The layers (built on first use when a frozen plan let loading skip them)."""
+        if self._built is None:
+            self._built = _build(self.file, self.kernels)
+        return self._built[0]
+
+    @property
+    def shapes(self) -> list:
+        self.layers
+        return self._built[1]
 
     # ------------------------------------------------------------------ metadata
     path = property(lambda self: self.file.path)
@@ -94,10 +118,57 @@ class Model:
             return run_reference(self.file, x)
         out = np.empty((x.shape[0], self.num_classes), np.float32)
         with self._lock:
-            self._set_threads()
+            threads = self._threads()
+            use_frozen = frozen.enabled(self.kernels, threads) and bool(self.path)
+            if not use_frozen:
+                self._set_threads(threads)
             for i in range(0, x.shape[0], MAX_CHUNK):
-                self._forward(np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK])
+                xc, oc = np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK]
+                if use_frozen:
+                    self._forward_frozen(xc, oc)
+                else:
+                    self._forward(xc, oc)
         return out
+
+    def frozen_ready(self, n: int = 1) -> bool:
+        """Will `predict` on n images replay a stored frozen plan (no numba, no compiling)?"""
+        return self._frozen.get(n) not in (None, False) or self._frozen_available(n)
+
+    def _frozen_available(self, n: int) -> bool:
+        try:
+            return (frozen.enabled(self.kernels, self._threads()) and bool(self.path)
+                    and frozen.exists(frozen.plan_key(self.path, self.kernels, n)))
+        except (OSError, frozen.FrozenError):
+            return False
+
+    def _forward_frozen(self, x, logits):
+        """Replay the frozen plan for this batch size; without one, run numba and freeze it."""
+        n = x.shape[0]
+        plan = self._frozen.get(n)
+        if plan is None:
+            plan = False
+            try:
+                key = frozen.plan_key(self.path, self.kernels, n)
+                plan = frozen.load(key)
+            except (OSError, frozen.FrozenError) as e:
+                _debug_note(f"frozen plan not loaded: {e}")
+            if plan is None:        # none stored yet: numba now, and record for next time
+                self._set_threads(1)
+                self._forward(x, logits)
+                try:
+                    from .freeze import record
+                    plan = record(self._forward, x, logits, key)
+                except Exception as e:      # any failure only means: keep using numba
+                    _debug_note(f"frozen plan not recorded: {type(e).__name__}: {e}")
+                    plan = False
+                self._frozen[n] = plan
+                return
+            self._frozen[n] = plan
+        if plan is False:
+            self._set_threads(1)
+            self._forward(x, logits)
+        else:
+            plan.run(x, logits)
 
     def _forward(self, x, logits):
         n = x.shape[0]
@@ -107,9 +178,11 @@ class Model:
             layer.run(v, n)
         self.layers[-1].run(v, n, logits)
 
-    def _set_threads(self):
+    def _threads(self) -> int:
+        return int(self.threads if self.threads is not None else default_threads())
+
+    def _set_threads(self, t: int):
         import numba
-        t = self.threads if self.threads is not None else default_threads()
         numba.set_num_threads(max(1, min(int(t), numba.config.NUMBA_NUM_THREADS)))
 
     def _arena(self, n: int) -> list:

@@ -13,6 +13,32 @@ import numpy as np
 _BOUNDSCHECK = os.environ.get("TERNET_BOUNDSCHECK", "") == "1" or None
 _CACHE = os.environ.get("TERNET_NUMBA_CACHE", "1") != "0"
 
+
+def _keep_object_code() -> None:
+    """numba hands a cached kernel's object code to the JIT and drops it; keep a reference so
+    `ternet.freeze` can store it without compiling the kernel again (optional: if numba's
+    internals differ, freeze compiles a fresh copy instead)."""
+    try:
+        from numba.core.codegen import CPUCodeLibrary
+        orig = CPUCodeLibrary.__dict__["_object_getbuffer_hook"].__func__
+    except (ImportError, KeyError, AttributeError):
+        return
+    if getattr(orig, "_ternet", False):
+        return
+
+    def hook(cls, ll_module):
+        buf = orig(cls, ll_module)
+        if buf:
+            lib = getattr(ll_module, "_CPUCodeLibrary__library", None)
+            if lib is not None:
+                lib._ternet_object = buf
+        return buf
+    hook._ternet = True
+    CPUCodeLibrary._object_getbuffer_hook = classmethod(hook)
+
+
+_keep_object_code()
+
 U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)
 
 

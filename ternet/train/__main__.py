@@ -87,7 +87,19 @@ def cmd_ptq(a):
     cal = calib_batches(a.arch, a.calib, a.size, a.seed)
     calibrate_ranges(g, cal, a.method)
     log(f"ranges calibrated ({a.method}, {a.calib} CIFAR images at {a.size}) in {time.time() - t0:.0f}s")
-    set_weights(g, a.weights)
+    if a.gptq:
+        from .gptq import gptq_ternarize
+        keep = set(filter(None, a.keep_int8.split(",")))
+        names = [n for n in prom_layers(g, head=a.weights == "prom") if n not in keep]
+        x = torch.cat(calib_batches(a.arch, a.gptq, a.size, a.seed + 1))
+        gptq_ternarize(g, ref, x, names, damp=a.damp, log=log)
+        del x
+        g.mode = "calib"
+        calibrate_ranges(g, cal, a.method)
+        log(f"GPTQ ternarization of {len(names)} layers on {a.gptq} images + recalibration "
+            f"done at {time.time() - t0:.0f}s")
+    else:
+        set_weights(g, a.weights)
     for name in filter(None, a.keep_int8.split(",")):
         g.set_wmode(name, "int8")
     if a.correct:
@@ -144,6 +156,33 @@ def cmd_qat(a):
           extra={"history": history, "data": f"augmented CIFAR-10 train images at {a.size}px, "
                                                 f"KD from FP32 teacher logits (T={a.T})"})
     log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
+
+
+def cmd_recon(a):
+    from .recon import reconstruct
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    log = logger(out / "log.txt")
+    ck_path = out / "ckpt.pt"
+    t0 = time.time()
+    if ck_path.exists():
+        g, ck = load_ckpt(ck_path)
+        start, history, wall = ck["recon_done"], ck["history"], ck.get("wall_s", 0.0)
+        log(f"resuming from {ck_path} at group {start}")
+    else:
+        g, ck = load_ckpt(a.init)
+        start, history, wall = 0, ck["history"] + [command()], ck.get("wall_s", 0.0)
+        log(f"start block reconstruction: {command()}")
+    x = torch.cat(calib_batches(a.arch, a.n, a.size, a.seed + 2))
+    data = (ck.get("data", "") + f"; block reconstruction on {a.n} augmented CIFAR-10 train "
+            f"images at {a.size}px ({a.steps} steps x {a.batch} per block)")
+
+    def done(k):
+        save_ckpt(ck_path, g, history=history, recon_done=k, wall_s=wall + time.time() - t0, data=data)
+
+    reconstruct(g, teacher_graph(a.arch), x, steps=a.steps, batch=a.batch, lr=a.lr, log=log,
+                start_group=start, on_group_done=done)
+    log(f"done in {time.time() - t0:.0f}s; ternary MAC fraction {ternary_mac_fraction(g):.4f}")
 
 
 def cmd_sensitivity(a):
@@ -217,6 +256,9 @@ def main(argv=None):
     s.add_argument("--weights", default="int8", choices=["int8", "prom", "prom-head-int8"])
     s.add_argument("--correct", type=int, default=0, help="images for per-channel correction (0: off)")
     s.add_argument("--mean-only", action="store_true")
+    s.add_argument("--gptq", type=int, default=0,
+                   help="ternarize with sequential GPTQ + bias correction on this many CIFAR images")
+    s.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diag)")
     s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_ptq)
@@ -237,6 +279,16 @@ def main(argv=None):
     s.add_argument("--eval-n", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_qat)
+    s = sub.add_parser("recon", help="block-wise reconstruction against the FP32 teacher (resumable)")
+    s.add_argument("--init", help="checkpoint to start from (ignored when resuming)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=256, help="CIFAR calibration images")
+    s.add_argument("--size", type=int, default=224)
+    s.add_argument("--steps", type=int, default=250, help="Adam steps per block")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--lr", type=float, default=1e-3, help="relative to each tensor's mean |value|")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_recon)
     s = sub.add_parser("sensitivity", help="per-layer ternarization sensitivity (held-out CIFAR)")
     s.add_argument("--ckpt", required=True, help="int8 ptq checkpoint")
     s.add_argument("--out", required=True, help="json file")

@@ -1,0 +1,240 @@
+"""Frozen plans: a model's kernel calls for one batch size, replayed without importing numba.
+
+Importing numba and loading even cached kernels through it costs ~0.6 s, more than the whole
+rest of `ternet classify`. But once a model is built, a forward pass is a fixed sequence of
+calls to compiled kernels on fixed buffers. `ternet.freeze` records that sequence once (after
+a normal numba run): each kernel's object code, the flattened native arguments of every call
+(array arguments as region + byte offset + shape + strides), and a snapshot of every memory
+region the calls touch (packed weights, scratch, activation buffers). This module loads such a
+record with llvmlite's MCJIT (no numba import) and replays it: copy the input in, call each
+kernel through ctypes, copy the logits out.
+
+A record is only written after it reproduced the numba path's logits bit for bit, and it is
+keyed by everything the machine code depends on (ternet's sources, numba and llvmlite versions,
+Python, the CPU name and features, the model file's path, size and mtime, the kernel choice and
+the batch size). Only single-threaded runs are frozen (parallel kernels need numba's threading
+layer). `TERNET_FROZEN=0` turns the mechanism off.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1
+ALIGN = 64
+_SOURCES = ("quant.py", "model.py", "layers.py", "format.py", "frozen.py", "freeze.py",
+            "kernels/*.py")
+_CTYPES = {"u1": ctypes.c_bool, "ptr": ctypes.c_void_p, "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16,
+           "u16": ctypes.c_uint16, "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64,
+           "u64": ctypes.c_uint64, "f32": ctypes.c_float, "f64": ctypes.c_double}
+
+
+class FrozenError(RuntimeError):
+    """A frozen plan cannot be recorded or loaded (the numba path is used instead)."""
+
+
+def enabled(kernels: str, threads: int) -> bool:
+    if os.environ.get("TERNET_FROZEN", "1") == "0" or kernels == "reference" or threads != 1:
+        return False
+    if os.environ.get("NUMBA_BOUNDSCHECK") or os.environ.get("TERNET_BOUNDSCHECK"):
+        return False           # debugging runs want numba's checked kernels
+    return importlib.util.find_spec("llvmlite") is not None
+
+
+def cache_root() -> Path:
+    env = os.environ.get("TERNET_CACHE_DIR")
+    if env:
+        return Path(env) / "frozen"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ternet" / "frozen"
+
+
+_LLVM = None
+
+
+def _llvm():
+    global _LLVM
+    if _LLVM is None:
+        import llvmlite.binding as ll    # ~0.06 s; numba stays unimported
+        ll.initialize_native_target()
+        ll.initialize_native_asmprinter()
+        _LLVM = ll
+    return _LLVM
+
+
+def _stamps() -> list[str]:
+    here = Path(__file__).resolve().parent
+    out = []
+    for pat in _SOURCES:
+        for p in sorted(glob.glob(str(here / pat))):
+            st = os.stat(p)
+            out.append(f"{os.path.relpath(p, here)}:{st.st_size}:{st.st_mtime_ns}")
+    spec = importlib.util.find_spec("numba")
+    if spec is None or not spec.origin:
+        raise FrozenError("numba is not installed")
+    ver = os.path.join(os.path.dirname(spec.origin), "_version.py")
+    st = os.stat(ver)
+    out.append(f"numba:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
+def plan_key(model_path: str, kernels: str, n: int) -> str:
+    """Hash of everything a frozen plan's machine code and memory snapshot depend on."""
+    from . import __version__
+    ll = _llvm()
+    import llvmlite
+    st = os.stat(model_path)
+    parts = [f"format {FORMAT}", __version__, sys.version, llvmlite.__version__,
+             ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten(),
+             os.path.realpath(model_path), str(st.st_size), str(st.st_mtime_ns), kernels, str(n),
+             *_stamps()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def paths(key: str) -> tuple[Path, Path]:
+    root = cache_root()
+    return root / f"{key}.json", root / f"{key}.bin"
+
+
+# ---------------------------------------------------------------------------------- loading
+
+_HELPERS_DONE = False
+
+
+def _bare_extension(name: str, pattern: str):
+    """Load one of numba's C extension modules without running numba/__init__.py."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("numba")
+    found = glob.glob(os.path.join(os.path.dirname(spec.origin), pattern))
+    if not found:
+        raise FrozenError(f"numba extension {pattern} not found")
+    s = importlib.util.spec_from_file_location(name, found[0])
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    sys.modules[name] = mod
+    return mod
+
+
+def _register_helpers(ll) -> None:
+    """The C helpers numba's generated code calls (the same names numba registers)."""
+    global _HELPERS_DONE
+    if _HELPERS_DONE:
+        return
+    helper = _bare_extension("numba._helperlib", "_helperlib*.so")
+    nrt = _bare_extension("numba.core.runtime._nrt_python", "core/runtime/_nrt_python*.so")
+    for k, v in helper.c_helpers.items():
+        ll.add_symbol("numba_" + k, v)
+    for k, v in nrt.c_helpers.items():
+        ll.add_symbol(k if k.startswith("_") else "NRT_" + k, v)
+    _HELPERS_DONE = True
+
+
+def _resolve(ll, names) -> None:
+    """Make sure every undefined symbol of the objects resolves; an unresolved one would abort
+    the process inside LLVM, so check first and register process symbols explicitly."""
+    proc = ctypes.CDLL(None)
+    missing = []
+    for name in names:
+        if ll.address_of_symbol(name):
+            continue
+        try:
+            ll.add_symbol(name, ctypes.addressof(ctypes.c_char.in_dll(proc, name)))
+        except ValueError:
+            missing.append(name)
+    if missing:
+        raise FrozenError(f"unresolved symbols {missing[:5]}")
+
+
+class FrozenPlan:
+    """A loaded frozen plan: `run(x, logits)` for x u8[n, H, W, 3] into logits f32[n, C]."""
+
+    def __init__(self, meta: dict, blob: bytes | memoryview):
+        if meta.get("format") != FORMAT:
+            raise FrozenError("format mismatch")
+        ll = _llvm()
+        _register_helpers(ll)
+        blob = memoryview(blob)
+        self.meta = meta
+        # memory regions, same address modulo 64 as when recorded (kernels may rely on alignment)
+        self._regions = []
+        bases = []
+        for r in meta["regions"]:
+            raw = np.empty(r["size"] + 2 * ALIGN, np.uint8)
+            off = (r["mod"] - raw.ctypes.data) % ALIGN
+            view = raw[off:off + r["size"]]
+            if r.get("blob") is not None:
+                view[:] = np.frombuffer(blob[r["blob"]:r["blob"] + r["size"]], np.uint8)
+            self._regions.append(raw)
+            bases.append(view.ctypes.data)
+        self.input = self._view(meta["input"], bases)
+        self.output = self._view(meta["output"], bases)
+        # machine code
+        _resolve(ll, sorted({s for k in meta["kernels"] for s in k["undefined"]}))
+        target = ll.Target.from_default_triple()
+        self._engines, fns = [], []
+        for k in meta["kernels"]:
+            # one engine per object: each carries its own copy of numba's runtime helpers. The
+            # engine takes ownership of its target machine, so each gets its own.
+            tm = target.create_target_machine(cpu=meta["cpu"], features=meta["features"], opt=3,
+                                              reloc="default", codemodel="jitdefault")
+            ee = ll.create_mcjit_compiler(ll.parse_assembly(""), tm)
+            ee.add_object_file(ll.ObjectFileRef.from_data(bytes(blob[k["blob"]:k["blob"] + k["size"]])))
+            ee.finalize_object()
+            addr = ee.get_function_address(k["symbol"])
+            if not addr:
+                raise FrozenError(f"symbol {k['symbol'][:60]} not found")
+            self._engines.append(ee)
+            proto = ctypes.CFUNCTYPE(ctypes.c_int32, *[_CTYPES[t] for t in k["params"]])
+            fns.append(proto(addr))
+        self._ret = ctypes.create_string_buffer(64)
+        self._exc = ctypes.c_void_p(0)
+        head = (ctypes.addressof(self._ret), ctypes.addressof(self._exc))
+        self.calls = []
+        for c in meta["calls"]:
+            args = list(head)
+            for a in c["args"]:
+                if isinstance(a, list):               # [region, offset]: a data pointer
+                    args.append(bases[a[0]] + a[1])
+                else:
+                    args.append(a)
+            self.calls.append((fns[c["kernel"]], tuple(args)))
+
+    @staticmethod
+    def _view(spec, bases):
+        region, off, shape, dtype = spec
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = (ctypes.c_uint8 * n).from_address(bases[region] + off)
+        return np.frombuffer(buf, np.uint8).view(dtype).reshape(shape)
+
+    def run(self, x: np.ndarray, logits: np.ndarray) -> None:
+        self.input[...] = x
+        for fn, args in self.calls:
+            if fn(*args):
+                raise RuntimeError("a frozen kernel reported an error")
+        logits[...] = self.output
+
+
+def load(key: str) -> FrozenPlan | None:
+    """The frozen plan stored under `key`, or None if there is none (or it cannot be used)."""
+    meta_path, blob_path = paths(key)
+    try:
+        meta = json.loads(meta_path.read_text())
+        blob = blob_path.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if len(blob) != meta.get("blob_size") or hashlib.sha256(blob).hexdigest() != meta.get("blob_sha256"):
+        return None                    # truncated or corrupted: record again
+    return FrozenPlan(meta, blob)
+
+
+def exists(key: str) -> bool:
+    return all(p.exists() for p in paths(key))
