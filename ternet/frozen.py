@@ -13,7 +13,8 @@ A record is only written after it reproduced the numba path's logits bit for bit
 keyed by everything the machine code depends on (ternet's sources, numba and llvmlite versions,
 Python, the CPU name and features, the model file's path, size and mtime, the kernel choice and
 the batch size). Only single-threaded runs are frozen (parallel kernels need numba's threading
-layer). `TERNET_FROZEN=0` turns the mechanism off.
+layer); with several threads and several images, `Model` runs one frozen plan instance per
+thread on its share of the images instead. `TERNET_FROZEN=0` turns the mechanism off.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class FrozenError(RuntimeError):
     """A frozen plan cannot be recorded or loaded (the numba path is used instead)."""
 
 
-def enabled(kernels: str, threads: int) -> bool:
-    if os.environ.get("TERNET_FROZEN", "1") == "0" or kernels == "reference" or threads != 1:
+def enabled(kernels: str) -> bool:
+    if os.environ.get("TERNET_FROZEN", "1") == "0" or kernels == "reference":
         return False
     if os.environ.get("NUMBA_BOUNDSCHECK") or os.environ.get("TERNET_BOUNDSCHECK"):
         return False           # debugging runs want numba's checked kernels

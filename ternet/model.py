@@ -78,6 +78,8 @@ class Model:
         self._lock = threading.Lock()
         self._views: dict[int, list] = {}
         self._frozen: dict[int, object] = {}     # batch size -> FrozenPlan, or False: use numba
+        self._workers: dict[tuple, object] = {}  # (batch size, worker) -> FrozenPlan for threads > 1
+        self._pool = None
         self._built = None
         if kernels == "reference":
             self._built = ([], [])
@@ -119,16 +121,60 @@ class Model:
         out = np.empty((x.shape[0], self.num_classes), np.float32)
         with self._lock:
             threads = self._threads()
-            use_frozen = frozen.enabled(self.kernels, threads) and bool(self.path)
-            if not use_frozen:
-                self._set_threads(threads)
+            can_freeze = frozen.enabled(self.kernels) and bool(self.path)
             for i in range(0, x.shape[0], MAX_CHUNK):
                 xc, oc = np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK]
-                if use_frozen:
+                if can_freeze and threads == 1:
                     self._forward_frozen(xc, oc)
+                elif can_freeze and len(xc) > 1 and self._forward_images_parallel(xc, oc, threads):
+                    pass
                 else:
+                    self._set_threads(threads)
                     self._forward(xc, oc)
         return out
+
+    def _forward_images_parallel(self, x, logits, threads: int) -> bool:
+        """Several images on several threads: each thread runs its share of the batch through a
+        frozen plan of its own (serial kernels, own buffers; ctypes releases the GIL), so no
+        per-layer synchronisation at all, and every image is computed exactly as with 1 thread.
+        False if some share has no usable frozen plan (the caller then uses numba's threads)."""
+        parts = np.array_split(np.arange(len(x)), min(threads, len(x)))
+        plans = []
+        for w, idx in enumerate(parts):
+            plan = self._worker_plan(len(idx), w, x[idx[0]:idx[-1] + 1], logits[idx[0]:idx[-1] + 1])
+            if plan is None:
+                return False
+            plans.append(plan)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="ternet")
+        futures = [self._pool.submit(plan.run, x[idx[0]:idx[-1] + 1], logits[idx[0]:idx[-1] + 1])
+                   for plan, idx in zip(plans[1:], parts[1:])]
+        plans[0].run(x[parts[0][0]:parts[0][-1] + 1], logits[parts[0][0]:parts[0][-1] + 1])
+        for f in futures:
+            f.result()
+        return True
+
+    def _worker_plan(self, n: int, worker: int, x, logits):
+        """Worker `worker`'s own instance of the frozen plan for n images (None: not available)."""
+        key = (n, worker)
+        plan = self._workers.get(key)
+        if plan is None:
+            if self._frozen.get(n) is None:            # never tried: load or record it
+                self._set_threads(1)
+                self._forward_frozen(x, logits)
+            base = self._frozen.get(n)
+            if not base:
+                plan = False
+            elif all(v is not base for v in self._workers.values()):
+                plan = base
+            else:                                      # each worker needs its own buffers
+                try:
+                    plan = frozen.load(frozen.plan_key(self.path, self.kernels, n)) or False
+                except (OSError, frozen.FrozenError):
+                    plan = False
+            self._workers[key] = plan
+        return plan or None
 
     def frozen_ready(self, n: int = 1) -> bool:
         """Will `predict` on n images replay a stored frozen plan (no numba, no compiling)?"""
@@ -136,7 +182,7 @@ class Model:
 
     def _frozen_available(self, n: int) -> bool:
         try:
-            return (frozen.enabled(self.kernels, self._threads()) and bool(self.path)
+            return (frozen.enabled(self.kernels) and self._threads() == 1 and bool(self.path)
                     and frozen.exists(frozen.plan_key(self.path, self.kernels, n)))
         except (OSError, frozen.FrozenError):
             return False

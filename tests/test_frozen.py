@@ -101,3 +101,14 @@ def test_disabled_and_threads(tiny, cache, monkeypatch):
     monkeypatch.setenv("TERNET_FROZEN", "0")
     np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])
     assert _plans(cache) == []
+
+
+def test_images_parallel_over_threads(tiny, cache):
+    """threads=2 with several images: one frozen plan instance per thread, same results."""
+    path, x, ref = tiny
+    m = ternet.load(path, threads=2)
+    np.testing.assert_array_equal(m.predict(x), ref)          # records the 2- and 1-image plans
+    assert len(_plans(cache)) == 2
+    np.testing.assert_array_equal(m.predict(x), ref)          # both workers replay
+    assert {k for k, v in m._workers.items() if v} == {(2, 0), (1, 1)}
+    np.testing.assert_array_equal(ternet.load(path, threads=3).predict(x), ref)
