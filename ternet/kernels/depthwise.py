@@ -143,25 +143,32 @@ def _emit_tile(ctx, b, sig, args, avx2):
     npairs = b.udiv(b.add(kk, _c(1)), _c(2))
     accs = [[cgutils.alloca_once(b, _v8i32) for _ in range(2)] for _ in range(_NV)]   # -> registers
 
-    def step(c, nv):
+    def pair(xc, wc, o0, o1, wr, nv):
+        for j in range(nv):
+            x0 = b.zext(vload(xp, b.add(o0, _c(16 * j)), _v16i8, 1, 1), _v16i16)
+            x1 = b.zext(vload(xp, b.add(o1, _c(16 * j)), _v16i8, 1, 1), _v16i16)
+            wv = vload(wp, b.add(wr, _c(16 * j)), _v32i16, 4, 4)    # 16 (w0, w1) pairs
+            for h in range(2):
+                z = _shuffle(b, x0, _ILV[h], x1)
+                prod = _madd(b, z, _shuffle(b, wv, range(16 * h, 16 * h + 16)), avx2)
+                b.store(b.add(b.load(accs[j][h]), prod), accs[j][h])
+
+    def step(c, nv, offs):
         for j in range(nv):
             bv = vload(bp, b.add(b.add(wo, c), _c(16 * j)), _v16i32, 4, 4)
             b.store(_shuffle(b, bv, range(8)), accs[j][0])
             b.store(_shuffle(b, bv, range(8, 16)), accs[j][1])
         xc, wc = b.add(xo, c), b.add(wo, c)
-        with cgutils.for_range(b, npairs) as lp:
-            t0 = b.mul(lp.index, _c(2))
-            o0 = b.add(xc, b.load(b.gep(tab, [t0])))
-            o1 = b.add(xc, b.load(b.gep(tab, [b.add(t0, _c(1))])))
-            wr = b.add(b.mul(lp.index, ws), wc)
-            for j in range(nv):
-                x0 = b.zext(vload(xp, b.add(o0, _c(16 * j)), _v16i8, 1, 1), _v16i16)
-                x1 = b.zext(vload(xp, b.add(o1, _c(16 * j)), _v16i8, 1, 1), _v16i16)
-                wv = vload(wp, b.add(wr, _c(16 * j)), _v32i16, 4, 4)    # 16 (w0, w1) pairs
-                for h in range(2):
-                    z = _shuffle(b, x0, _ILV[h], x1)
-                    prod = _madd(b, z, _shuffle(b, wv, range(16 * h, 16 * h + 16)), avx2)
-                    b.store(b.add(b.load(accs[j][h]), prod), accs[j][h])
+        if offs is not None:       # k known: taps unrolled, offsets loop-invariant
+            for p in range(len(offs) // 2):
+                pair(xc, wc, b.add(xc, offs[2 * p]), b.add(xc, offs[2 * p + 1]),
+                     b.add(b.mul(_c(p), ws), wc), nv)
+        else:
+            with cgutils.for_range(b, npairs) as lp:
+                t0 = b.mul(lp.index, _c(2))
+                o0 = b.add(xc, b.load(b.gep(tab, [t0])))
+                o1 = b.add(xc, b.load(b.gep(tab, [b.add(t0, _c(1))])))
+                pair(xc, wc, o0, o1, b.add(b.mul(lp.index, ws), wc), nv)
         for j in range(nv):
             cj = b.add(c, _c(16 * j))
             acc = _shuffle(b, b.load(accs[j][0]), range(16), b.load(accs[j][1]))   # PERM order
@@ -178,10 +185,28 @@ def _emit_tile(ctx, b, sig, args, avx2):
             b.store(q, b.bitcast(b.gep(op, [b.add(oo, cj)]), _v16i8.as_pointer()), align=1)
 
     full = b.mul(b.udiv(n, _c(16 * _NV)), _c(16 * _NV))
-    with cgutils.for_range_slice(b, _c(0), full, _c(16 * _NV)) as (c, _):
-        step(c, _NV)
-    with cgutils.for_range_slice(b, full, n, _c(16)) as (c, _):
-        step(c, 1)
+
+    def body(offs):
+        with cgutils.for_range_slice(b, _c(0), full, _c(16 * _NV)) as (c, _):
+            step(c, _NV, offs)
+        with cgutils.for_range_slice(b, full, n, _c(16)) as (c, _):
+            step(c, 1, offs)
+
+    def const_offsets(kk):
+        offs = [b.add(b.mul(_c(ky), rs), b.mul(_c(kx), cs)) for ky in range(kk) for kx in range(kk)]
+        return offs + offs[-1:] if len(offs) % 2 else offs
+
+    # Lite0 / MobileNetV2 use k = 3 and 5: specialised copies with the tap loop unrolled (no tap
+    # table loads, no loop control); other k take the generic loop.
+    with b.if_else(b.icmp_unsigned("==", k, _c(3))) as (k3, other):
+        with k3:
+            body(const_offsets(3))
+        with other:
+            with b.if_else(b.icmp_unsigned("==", k, _c(5))) as (k5, generic):
+                with k5:
+                    body(const_offsets(5))
+                with generic:
+                    body(None)
 
 
 @intrinsic
