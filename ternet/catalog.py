@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FALLBACK_DEFAULT = "efficientnet_lite0_prom"
+USABLE_GAP = 3.0      # points of top-1 below its own FP32 reference a ternary default may lose
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,12 @@ class ModelSummary:
     top5: float | None
     size_bytes: int
     metric_key: str = ""      # where top1 came from in ternet.metrics, e.g. "dev200_top1"
+    ref_top1: float | None = None   # the FP32 model's top-1 on the same images, if recorded
+
+    @property
+    def usable(self) -> bool:
+        """Within USABLE_GAP points of its FP32 reference (True when either is unknown)."""
+        return self.top1 is None or self.ref_top1 is None or self.top1 >= self.ref_top1 - USABLE_GAP
 
     @property
     def is_imagenet(self) -> bool:
@@ -83,6 +90,18 @@ def find_metric(metrics, which: str = "top1") -> tuple[float, str] | None:
     return (v * 100.0 if v <= 1.0 else v), key
 
 
+def reference_top1(metrics) -> float | None:
+    """The float reference model's top-1 recorded next to the file's own (e.g. dev200_fp32_top1)."""
+    if not isinstance(metrics, dict):
+        return None
+    for k, v in metrics.items():
+        low = str(k).lower().replace("_", "")
+        if (isinstance(v, (int, float)) and not isinstance(v, bool) and "top1" in low
+                and any(w in low for w in ("fp32", "float"))):
+            return float(v) * 100.0 if v <= 1.0 else float(v)
+    return None
+
+
 def metric(metrics, which: str = "top1") -> float | None:
     """Percent accuracy from `find_metric`, or None."""
     r = find_metric(metrics, which)
@@ -103,7 +122,8 @@ def summarize(path, name: str | None = None) -> ModelSummary:
         name=name or p.name.removesuffix(".safetensors"), path=str(p),
         arch=meta.get("ternet.arch", "?"), num_classes=len(_json(meta, "ternet.labels", [])),
         pointwise=str(pointwise), top1=top1[0] if top1 else None, top5=metric(metrics, "top5"),
-        size_bytes=os.path.getsize(p), metric_key=top1[1] if top1 else "")
+        size_bytes=os.path.getsize(p), metric_key=top1[1] if top1 else "",
+        ref_top1=reference_top1(metrics))
 
 
 def bundled_summaries() -> list[ModelSummary]:
@@ -119,9 +139,10 @@ def bundled_summaries() -> list[ModelSummary]:
 
 
 def default_model() -> str:
-    """The most accurate bundled ImageNet model whose pointwise convs are all ternary.
+    """The most accurate bundled ImageNet model whose pointwise convs are all ternary, if it is
+    usable (within USABLE_GAP points of the FP32 top-1 recorded in the same file).
 
-    `TERNET_MODEL` overrides; models without a recorded top-1 rank last. With no all-ternary
+    `TERNET_MODEL` overrides; models without a recorded top-1 rank last. With no usable all-ternary
     model bundled, the most accurate bundled ImageNet model (whatever its weights: the command
     must name what is in the photo); with none at all, `efficientnet_lite0_prom` (its absence is
     reported when loading).
@@ -131,7 +152,7 @@ def default_model() -> str:
         return env
     imagenet = [s for s in bundled_summaries() if s.is_imagenet]
     for kinds in (("ternary",), None):
-        cands = [s for s in imagenet if kinds is None or s.pointwise in kinds]
+        cands = [s for s in imagenet if kinds is None or (s.pointwise in kinds and s.usable)]
         if cands:
             best = max(cands, key=lambda s: (s.top1 if s.top1 is not None else -1.0,
                                              s.name == FALLBACK_DEFAULT))

@@ -70,3 +70,16 @@ def test_default_falls_back_and_env_overrides(weights, monkeypatch):
     assert default_model() == "z"                       # no all-ternary model: most accurate
     monkeypatch.setenv("TERNET_MODEL", "/some/where.safetensors")
     assert default_model() == "/some/where.safetensors"
+
+
+def test_unusable_ternary_model_is_not_the_default(weights):
+    """A ternary model far below its own FP32 reference must not become what `classify` uses."""
+    fake_model(weights / "a_int8.safetensors", ("int8",), metrics={"dev200_top1": 0.89,
+                                                                  "dev200_fp32_top1": 0.89})
+    fake_model(weights / "b_prom.safetensors", ("ternary",), metrics={"dev200_top1": 0.06,
+                                                                     "dev200_fp32_top1": 0.89})
+    assert summarize(weights / "b_prom.safetensors").ref_top1 == pytest.approx(89.0)
+    assert default_model() == "a_int8"
+    fake_model(weights / "c_prom.safetensors", ("ternary",), metrics={"dev200_top1": 0.87,
+                                                                     "dev200_fp32_top1": 0.89})
+    assert default_model() == "c_prom"                  # within 3 points: the PROM default
