@@ -234,7 +234,12 @@ def load(key: str) -> FrozenPlan | None:
         return None
     if len(blob) != meta.get("blob_size") or hashlib.sha256(blob).hexdigest() != meta.get("blob_sha256"):
         return None                    # truncated or corrupted: record again
-    return FrozenPlan(meta, blob)
+    try:
+        return FrozenPlan(meta, blob)
+    except FrozenError:
+        raise
+    except Exception as e:             # e.g. a plan written by an incompatible ternet
+        raise FrozenError(f"cannot load {meta_path.name}: {type(e).__name__}: {e}") from None
 
 
 def exists(key: str) -> bool:
