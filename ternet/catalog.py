@@ -40,7 +40,7 @@ class ModelSummary:
         return {"name": self.name, "path": self.path, "arch": self.arch,
                 "num_classes": self.num_classes, "pointwise": self.pointwise,
                 "top1": self.top1, "top5": self.top5, "metric_key": self.metric_key,
-                "size_bytes": self.size_bytes}
+                "size_bytes": self.size_bytes, "ref_top1": self.ref_top1, "usable": self.usable}
 
 
 def read_metadata(path) -> dict:

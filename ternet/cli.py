@@ -247,7 +247,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_models(args) -> int:
-    from .catalog import bundled_summaries, default_model
+    from .catalog import USABLE_GAP, bundled_summaries, default_model
     from .models import weights_dirs
 
     models = bundled_summaries()
@@ -267,6 +267,10 @@ def cmd_models(args) -> int:
     print(_table(header, rows, right={3, 4, 5, 6}))
     print("\n* default model of `ternet classify`. Accuracy as recorded in each file's "
           "ternet.metrics (key shown; dev200 = the 200-image ImageNet dev sample).")
+    for m in models:
+        if m.pointwise == "ternary" and m.is_imagenet and not m.usable:
+            print(f"{m.name}: more than {USABLE_GAP:g} points below its FP32 reference "
+                  f"({_pct(m.ref_top1)}), so not the default")
     return 0
 
 
