@@ -51,7 +51,6 @@ from .layout import CH_ALIGN, pad_to
 MAX_TAPS = 50                    # k*k rounded up to a pair, k <= 7
 PAR_MIN_MACS = 1 << 21           # below this (~130 us serial) a parallel region costs more than it saves
 FLAT_LEN = 256                   # stride 1: interior pixels in runs of max(1, FLAT_LEN // Cp)
-CBLOCK = 64                      # channels per block for wide layers (see _rows)
 I32_MAX = 2**31 - 1
 
 
@@ -243,21 +242,20 @@ def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out
 # (|w0*x0 + w1*x1| <= 65280) and the int32 adds wrap, so partial sums cannot change the result.
 
 @kernel()
-def _gather(xf, nb, iy0, ix0, H, W, rs, cs, zx, patch, k, c0, nc):
-    """Channels [c0, c0 + nc) of the k x k window at signed input position (iy0, ix0) of the image
-    at xf[nb:] -> patch u8[k, k, nc], taps outside the image set to the zero point (the
-    definition's padding)."""
+def _gather(xf, nb, iy0, ix0, H, W, rs, cs, zx, patch, k):
+    """The k x k x Cp window at signed input position (iy0, ix0) of the image at xf[nb:] ->
+    patch u8[k, k, Cp], taps outside the image set to the zero point (the definition's padding)."""
     for ky in range(k):
         iy = iy0 + ky
         for kx in range(k):
             ix = ix0 + kx
-            po = U(ky * k + kx) * nc
+            po = U(ky * k + kx) * cs
             if 0 <= iy < H and 0 <= ix < W:
-                xo = nb + U(iy) * rs + U(ix) * cs + c0
-                for c in range(nc):
+                xo = nb + U(iy) * rs + U(ix) * cs
+                for c in range(cs):
                     patch[po + c] = xf[xo + c]
             else:
-                for c in range(nc):
+                for c in range(cs):
                     patch[po + c] = zx
 
 
@@ -273,41 +271,30 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, pa
     wf = wq.reshape(-1)
     of = out.reshape(-1)
     rs, cs, ws = U(W * Cp), U(Cp), U(L)
-    kk = U(k)
+    kk, pks = U(k), U(k * Cp)
     # interior columns: ox*s - pl >= 0 and ox*s - pl + k <= W (floor division)
     cx_lo = min(Wo, (pl + stride - 1) // stride)
     cx_hi = max(cx_lo, min(Wo, (W - k + pl) // stride + 1))
-    # Channel blocks (run == 1 only: wide layers): a block's weights, k*k/2 pairs x CBLOCK x 4
-    # bytes, stay in L1 while every output row of the range is computed, instead of the whole
-    # layer's (up to 60 KB for 1152 channels at 5x5) streaming from L2 for every pixel.
-    cb = CBLOCK if run == 1 else Cp
-    for c0 in range(0, Cp, cb):
-        nc = U(min(cb, Cp - c0))
-        uc0 = U(c0)
-        for r in range(r0, r1):
-            n = r // Ho
-            oy = r - n * Ho
-            nb = U(n * H * W * Cp)
-            orow = U(r * Wo * Cp)
-            iy0 = oy * stride - pt
-            a, b = cx_lo, cx_hi
-            if iy0 < 0 or iy0 + k > H:
-                a = b = Wo                  # the whole row is border
-            xrow = nb + U(max(iy0, 0)) * rs
-            for p in range(a, b, run):      # interior: runs of up to `run` pixels (1 unless stride 1)
-                m = min(run, b - p)
-                if run == 1:
-                    _tile(xf, xrow + U(p * stride - pl) * cs + uc0, rs, cs, kk, wf, uc0, ws, bias,
-                          mult, zph, lo, hi, of, orow + U(p) * cs + uc0, nc, portable)
-                else:
-                    _tile(xf, xrow + U(p * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult,
-                          zph, lo, hi, of, orow + U(p) * cs, U(m) * cs, portable)
-            for ox in range(Wo):
-                if a <= ox < b:
-                    continue
-                _gather(xf, nb, iy0, ox * stride - pl, H, W, rs, cs, zx, patch, k, uc0, nc)
-                _tile(patch, U(0), kk * nc, nc, kk, wf, uc0, ws, bias, mult, zph, lo, hi, of,
-                      orow + U(ox) * cs + uc0, nc, portable)
+    for r in range(r0, r1):
+        n = r // Ho
+        oy = r - n * Ho
+        nb = U(n * H * W * Cp)
+        orow = U(r * Wo * Cp)
+        iy0 = oy * stride - pt
+        a, b = cx_lo, cx_hi
+        if iy0 < 0 or iy0 + k > H:
+            a = b = Wo                  # the whole row is border
+        xrow = nb + U(max(iy0, 0)) * rs
+        for p in range(a, b, run):      # interior: runs of up to `run` pixels (1 unless stride 1)
+            m = min(run, b - p)
+            _tile(xf, xrow + U(p * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo,
+                  hi, of, orow + U(p) * cs, U(m) * cs, portable)
+        for ox in range(Wo):
+            if a <= ox < b:
+                continue
+            _gather(xf, nb, iy0, ox * stride - pl, H, W, rs, cs, zx, patch, k)
+            _tile(patch, U(0), pks, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi, of,
+                  orow + U(ox) * cs, cs, portable)
 
 
 @kernel()
