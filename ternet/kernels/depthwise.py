@@ -131,16 +131,20 @@ def _emit_tile(ctx, b, sig, args, avx2):
     xp, wp, bp, mp, op = data(0, xf), data(5, wq), data(8, bias), data(9, mult), data(13, out)
     acc_out = sig.args[13].dtype == types.int32
     zv, lov, hiv = _splat(b, zph, 16), _splat(b, lo, 16), _splat(b, hi, 16)
-    # tap table on the stack: tab[ky*k + kx] = ky*rs + kx*cs, an odd count padded with a copy of
-    # the last tap (its pair weight is 0), so taps go in pairs (2p, 2p + 1)
+    # tap table on the stack (generic k only; built in that branch, see the end): tab[ky*k + kx]
+    # = ky*rs + kx*cs, an odd count padded with a copy of the last tap (its pair weight is 0), so
+    # taps go in pairs (2p, 2p + 1)
     tab = b.gep(cgutils.alloca_once(b, ir.ArrayType(_i64, MAX_TAPS)), [_c(0, _i32), _c(0, _i32)])
-    with cgutils.for_range(b, k) as ly:
-        with cgutils.for_range(b, k) as lx:
-            b.store(b.add(b.mul(ly.index, rs), b.mul(lx.index, cs)),
-                    b.gep(tab, [b.add(b.mul(ly.index, k), lx.index)]))
     kk = b.mul(k, k)
-    b.store(b.load(b.gep(tab, [b.sub(kk, _c(1))])), b.gep(tab, [kk]))
     npairs = b.udiv(b.add(kk, _c(1)), _c(2))
+
+    def build_tab():
+        with cgutils.for_range(b, k) as ly:
+            with cgutils.for_range(b, k) as lx:
+                b.store(b.add(b.mul(ly.index, rs), b.mul(lx.index, cs)),
+                        b.gep(tab, [b.add(b.mul(ly.index, k), lx.index)]))
+        b.store(b.load(b.gep(tab, [b.sub(kk, _c(1))])), b.gep(tab, [kk]))
+
     accs = [[cgutils.alloca_once(b, _v8i32) for _ in range(2)] for _ in range(_NV)]   # -> registers
 
     def pair(xc, wc, o0, o1, wr, nv):
@@ -206,6 +210,7 @@ def _emit_tile(ctx, b, sig, args, avx2):
                 with k5:
                     body(const_offsets(5))
                 with generic:
+                    build_tab()
                     body(None)
 
 
