@@ -119,7 +119,7 @@ def _madd(b, z, w, avx2):
 
 def _emit_tile(ctx, b, sig, args, avx2):
     """See `_tile`. All offsets are element indices (i64)."""
-    xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, _ = args
+    xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep, ostep, _ = args
 
     def data(i, v):
         a = ctx.make_array(sig.args[i])(ctx, b, v)
@@ -157,7 +157,7 @@ def _emit_tile(ctx, b, sig, args, avx2):
                 prod = _madd(b, z, _shuffle(b, wv, range(16 * h, 16 * h + 16)), avx2)
                 b.store(b.add(b.load(accs[j][h]), prod), accs[j][h])
 
-    def step(c, nv, offs):
+    def step(c, nv, offs, xo, oo):
         for j in range(nv):
             bv = vload(bp, b.add(b.add(wo, c), _c(16 * j)), _v16i32, 4, 4)
             b.store(_shuffle(b, bv, range(8)), accs[j][0])
@@ -191,10 +191,15 @@ def _emit_tile(ctx, b, sig, args, avx2):
     full = b.mul(b.udiv(n, _c(16 * _NV)), _c(16 * _NV))
 
     def body(offs):
-        with cgutils.for_range_slice(b, _c(0), full, _c(16 * _NV)) as (c, _):
-            step(c, _NV, offs)
-        with cgutils.for_range_slice(b, full, n, _c(16)) as (c, _):
-            step(c, 1, offs)
+        # npix pixels in one call: the setup above (splats, tap offsets, branches) is paid once
+        # per row of interior pixels instead of once per pixel
+        with cgutils.for_range(b, npix) as lpix:
+            xo_p = b.add(xo, b.mul(lpix.index, xstep))
+            oo_p = b.add(oo, b.mul(lpix.index, ostep))
+            with cgutils.for_range_slice(b, _c(0), full, _c(16 * _NV)) as (c, _):
+                step(c, _NV, offs, xo_p, oo_p)
+            with cgutils.for_range_slice(b, full, n, _c(16)) as (c, _):
+                step(c, 1, offs, xo_p, oo_p)
 
     def const_offsets(kk):
         offs = [b.add(b.mul(_c(ky), rs), b.mul(_c(kx), cs)) for ky in range(kk) for kx in range(kk)]
@@ -215,15 +220,18 @@ def _emit_tile(ctx, b, sig, args, avx2):
 
 
 @intrinsic
-def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, portable):
-    """n outputs (n % 16 == 0): out[oo + c] = requant(bias[wo+c] + sum_t wq[t, wo+c] * xf[xo + tab[t] + c]),
+def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
+          ostep, portable):
+    """npix pixels p of n outputs each (n % 16 == 0): out[oo + p*ostep + c] = requant(bias[wo+c] +
+    sum_t wq[t, wo+c] * xf[xo + p*xstep + tab[t] + c]),
     tab[ky*k + kx] = ky*rs + kx*cs; xf u8, wq i16 pairs [(k*k+1)//2, ws, 2], bias i32, mult f32
     (channels in PERM order within groups of 16). out i32: raw accumulators in channel order.
     portable (a literal bool): portable vector IR even where AVX2 is available (tests)."""
     if not isinstance(portable, types.BooleanLiteral):
         raise numba.errors.TypingError("_tile: portable must be a literal bool")
     avx2 = not portable.literal_value and cpu.can_compile("avx2")
-    sig = types.void(xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, portable)
+    sig = types.void(xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
+                     ostep, portable)
 
     def codegen(context, builder, sig, args):
         args = [context.cast(builder, v, t, types.uint64) if isinstance(t, types.Integer) else v
@@ -290,16 +298,20 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, pa
         if iy0 < 0 or iy0 + k > H:
             a = b = Wo                  # the whole row is border
         xrow = nb + U(max(iy0, 0)) * rs
-        for p in range(a, b, run):      # interior: runs of up to `run` pixels (1 unless stride 1)
-            m = min(run, b - p)
-            _tile(xf, xrow + U(p * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo,
-                  hi, of, orow + U(p) * cs, U(m) * cs, portable)
+        if run == 1 and a < b:          # interior pixels of the row, one call
+            _tile(xf, xrow + U(a * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo,
+                  hi, of, orow + U(a) * cs, cs, U(b - a), U(stride) * cs, cs, portable)
+        elif run > 1:
+            for p in range(a, b, run):  # stride 1, few channels: runs of up to `run` pixels
+                m = min(run, b - p)
+                _tile(xf, xrow + U(p * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph,
+                      lo, hi, of, orow + U(p) * cs, U(m) * cs, U(1), U(0), U(0), portable)
         for ox in range(Wo):
             if a <= ox < b:
                 continue
             _gather(xf, nb, iy0, ox * stride - pl, H, W, rs, cs, zx, patch, k)
             _tile(patch, U(0), pks, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi, of,
-                  orow + U(ox) * cs, cs, portable)
+                  orow + U(ox) * cs, cs, U(1), U(0), U(0), portable)
 
 
 @kernel()
