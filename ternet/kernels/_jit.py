@@ -42,6 +42,18 @@ _keep_object_code()
 U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)
 
 
+def num_threads() -> int:
+    """numba.get_num_threads() without its per-call locking (~1 us instead of several, and the
+    plans ask once per layer call): once the threading layer is up, read the thread-local count
+    through numba's own ctypes accessor."""
+    from numba.np.ufunc import parallel
+    get = getattr(parallel, "_get_num_threads", None)
+    if get is None or not getattr(parallel, "_is_initialized", False):
+        return numba.get_num_threads()
+    n = get()
+    return n if n > 0 else numba.get_num_threads()
+
+
 def kernel(parallel: bool = False, **kw):
     """njit with ternet's policy. fastmath stays off: the requantization must round exactly
     like the numpy reference (FMA contraction would change results)."""

@@ -44,7 +44,7 @@ from numba.extending import intrinsic
 
 from .. import quant
 from . import cpu
-from ._jit import U, kernel
+from ._jit import U, kernel, num_threads
 from .conv import tap_windows
 from .layout import CH_ALIGN, pad_to
 
@@ -425,7 +425,7 @@ class DepthwisePlan:
         n = x4d.shape[0]
         if n == 0:
             return
-        threads = numba.get_num_threads()
+        threads = num_threads()
         if threads > 1 and n * self.Ho * self.Wo * self.cp * self.k * self.k >= PAR_MIN_MACS:
             dw_i8_u8_par(*self._args(x4d), out4d, self.patch[:threads])
         else:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import quant
-from ._jit import U, kernel
+from ._jit import U, kernel, num_threads
 from .cpu import IMPLS
 from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
 
@@ -516,7 +515,7 @@ class PwPlainPlan:
         """Pixel ranges for P pixels. Small layers never ask for the thread count (1 us)."""
         threads = 1
         if parallel and P * self.cin_p * self.cout_p >= PAR_MIN_MACS:
-            threads = numba.get_num_threads()
+            threads = num_threads()
         key = (P, threads)
         work = self._cache.get(key)
         if work is None:
@@ -583,7 +582,7 @@ def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
     plan = PwPlainPlan(cin, cout, cin_p, cout_p, impl, tptr, tchunks, trows, dptr, drows, dw,
                        bias_k, mult_p, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
                        bool(nminus.any()))
-    plan.scratch(numba.get_num_threads())
+    plan.scratch(num_threads())
     return plan
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numba
 import numpy as np
 from llvmlite import ir
 from llvmlite import binding as llb
@@ -40,7 +39,7 @@ from numba.extending import intrinsic
 
 from .. import quant
 from . import cpu
-from ._jit import kernel
+from ._jit import kernel, num_threads
 from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
 
 PANEL_BYTES = 1 << 15      # input + output bytes of a pixel panel (see _Emitter.chunk)
@@ -488,7 +487,7 @@ class PwVnniPlan:
 
     def _work(self, P):
         """(driver, chunks) for P pixels. Small layers never ask for the thread count (1 us)."""
-        threads = 1 if P * self.cin_p * self.cout_p < PAR_MIN_MACS else numba.get_num_threads()
+        threads = 1 if P * self.cin_p * self.cout_p < PAR_MIN_MACS else num_threads()
         key = (P, threads)
         work = self._chunks.get(key)
         if work is None:
