@@ -106,3 +106,24 @@ def test_rejects_bad_buffers():
     with pytest.raises(OverflowError):
         ew.make_linear(np.full((1, 10), 127, np.int8), np.array([2**31 - 10], np.int32), 0, 1.0,
                        np.ones(1, np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_parallel_equals_serial(threads):
+    """The classifier's parallel driver (big enough layers, >1 thread) gives the same logits."""
+    import numba
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (1000, 1280)).astype(np.int8)
+    bias = rng.integers(-50000, 50000, 1000).astype(np.int32)
+    s_w = rng.uniform(1e-4, 1e-1, 1000).astype(np.float32)
+    plan = ew.make_linear(w, bias, 11, 0.03, s_w)
+    assert 2 * 1000 * plan.cin_p >= ew.PAR_MIN_MACS
+    x = rng.integers(0, 256, (2 + ROW_SLACK, plan.cin_p), dtype=np.uint8)
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        out = np.zeros((2, 1000), np.float32)
+        plan(x, 2, out)
+    finally:
+        numba.set_num_threads(old)
+    np.testing.assert_array_equal(out, ew.linear_ref(x[:2], 11, w, bias, ew.linear_scale(0.03, s_w)))

@@ -49,7 +49,7 @@ from .conv import tap_windows
 from .layout import CH_ALIGN, pad_to
 
 MAX_TAPS = 50                    # k*k rounded up to a pair, k <= 7
-PAR_MIN_MACS = 1 << 21           # below this (~130 us serial) a parallel region costs more than it saves
+PAR_MIN_MACS = 1 << 19           # below this (~35 us serial) a parallel region costs more than it saves
 FLAT_LEN = 256                   # stride 1: interior pixels in runs of max(1, FLAT_LEN // Cp)
 I32_MAX = 2**31 - 1
 

@@ -11,10 +11,13 @@ import dataclasses
 import numpy as np
 
 from .. import quant
-from ._jit import U, kernel
+from numba import prange
+
+from ._jit import U, kernel, num_threads
 from .layout import CH_ALIGN, pad_to
 
 I32_MAX = 2**31 - 1
+PAR_MIN_MACS = 1 << 20       # the classifier (1.3 M MACs per image) is split over threads above this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +164,21 @@ def linear_i8_u8(x, w, bias, scale, out, n):
             out[i, o] = np.float32(np.int32(a + bias[o])) * scale[o]
 
 
+@kernel(parallel=True)
+def linear_i8_u8_par(x, w, bias, scale, out, n):
+    """linear_i8_u8 with blocks of 64 outputs spread over numba's threads (each output computed
+    by the same loop, so results do not depend on the thread count)."""
+    Kp = w.shape[1]
+    nblk = (w.shape[0] + 63) // 64
+    for ob in prange(nblk):
+        for o in range(ob * 64, min(w.shape[0], ob * 64 + 64)):
+            for i in range(n):
+                a = np.int32(0)
+                for k in range(U(Kp)):
+                    a += np.int32(w[o, k]) * np.int32(x[i, k])
+                out[i, o] = np.float32(np.int32(a + bias[o])) * scale[o]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearPlan:
     """A prepared classifier; `plan(x, N, out)` runs it (see make_linear)."""
@@ -178,7 +196,10 @@ class LinearPlan:
                              f"got {x.shape}, {out.shape}")
         if x.dtype != np.uint8 or out.dtype != np.float32:
             raise TypeError("x must be uint8 and out float32")
-        linear_i8_u8(x, self.w, self.bias, self.scale, out, N)
+        if N * self.cout * self.cin_p >= PAR_MIN_MACS and num_threads() > 1:
+            linear_i8_u8_par(x, self.w, self.bias, self.scale, out, N)
+        else:
+            linear_i8_u8(x, self.w, self.bias, self.scale, out, N)
 
 
 def make_linear(w, bias, zx, s_in, s_w) -> LinearPlan:
