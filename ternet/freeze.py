@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 
 import numpy as np
 
@@ -24,24 +25,30 @@ _KERNELS = "ternet.kernels"
 
 # ---------------------------------------------------------------------------------- tracing
 
+_TRACE_LOCK = threading.Lock()
+
+
 def trace(fn) -> list:
-    """Run fn() and return [(dispatcher, args)] for every call of a jitted function from Python."""
+    """Run fn() and return [(dispatcher, args)] for every call of a jitted function from Python
+    made by this thread (calls from other threads pass through untouched)."""
     from numba import _dispatcher
     from numba.core.dispatcher import Dispatcher
     base_call = _dispatcher.Dispatcher.__call__
-    calls = []
+    calls, me = [], threading.get_ident()
 
     def traced(self, *args, **kw):
-        if kw:
-            raise FrozenError("keyword arguments to a kernel")
-        calls.append((self, args))
-        return base_call(self, *args)
+        if threading.get_ident() == me:
+            if kw:
+                raise FrozenError("keyword arguments to a kernel")
+            calls.append((self, args))
+        return base_call(self, *args, **kw)
 
-    Dispatcher.__call__ = traced
-    try:
-        fn()
-    finally:
-        del Dispatcher.__call__
+    with _TRACE_LOCK:
+        Dispatcher.__call__ = traced
+        try:
+            fn()
+        finally:
+            del Dispatcher.__call__
     return calls
 
 
