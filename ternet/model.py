@@ -162,7 +162,7 @@ class Model:
         if plan is None:
             if self._frozen.get(n) is None:            # never tried: load or record it
                 self._set_threads(1)
-                self._forward_frozen(x, logits)
+                self._forward_frozen(x, logits, pad_ok=False)   # each worker needs its own n
             base = self._frozen.get(n)
             if not base:
                 plan = False
@@ -187,7 +187,7 @@ class Model:
         except (OSError, frozen.FrozenError):
             return False
 
-    def _forward_frozen(self, x, logits):
+    def _forward_frozen(self, x, logits, pad_ok: bool = True):
         """Replay the frozen plan for this batch size; without one, run numba and freeze it."""
         n = x.shape[0]
         plan = self._frozen.get(n)
@@ -198,6 +198,18 @@ class Model:
                 plan = frozen.load(key)
             except (OSError, frozen.FrozenError) as e:
                 _debug_note(f"frozen plan not loaded: {e}")
+            bigger = sorted(m for m, p in self._frozen.items() if p and m > n)
+            if plan is None and bigger and pad_ok:
+                # e.g. the last, partial batch of a directory: zero-pad it into a loaded plan
+                # (images are computed independently, so its logits are the same) rather than
+                # import numba and record a plan for a batch size that may never recur
+                m = bigger[0]
+                xp = np.zeros((m,) + x.shape[1:], np.uint8)
+                xp[:n] = x
+                lp = np.empty((m, logits.shape[1]), np.float32)
+                self._frozen[m].run(xp, lp)
+                logits[...] = lp[:n]
+                return
             if plan is None:        # none stored yet: numba now, and record for next time
                 self._set_threads(1)
                 self._forward(x, logits)

@@ -112,3 +112,15 @@ def test_images_parallel_over_threads(tiny, cache):
     np.testing.assert_array_equal(m.predict(x), ref)          # both workers replay
     assert {k for k, v in m._workers.items() if v} == {(2, 0), (1, 1)}
     np.testing.assert_array_equal(ternet.load(path, threads=3).predict(x), ref)
+
+
+def test_partial_batch_reuses_a_bigger_loaded_plan(tiny, cache):
+    """A smaller batch after a bigger one is zero-padded into the loaded plan: same logits, no
+    new plan recorded."""
+    path, x, ref = tiny
+    m = ternet.load(path)
+    np.testing.assert_array_equal(m.predict(x), ref)              # records the 3-image plan
+    np.testing.assert_array_equal(m.predict(x), ref)
+    np.testing.assert_array_equal(m.predict(x[1:]), ref[1:])      # 2 images: padded to 3
+    np.testing.assert_array_equal(m.predict(x[2:]), ref[2:])
+    assert len(_plans(cache)) == 1
