@@ -200,7 +200,7 @@ def export_ternet(model_path, path: Path, log=print, weights: str = "s8") -> Pat
     from onnx import TensorProto, helper, numpy_helper
     from ternet import quant
     from ternet.format import pointwise_weight, read_model
-    from ternet.reference import node_qparams, padding_of
+    from ternet.reference import node_qparams
 
     mf = read_model(Path(model_path))
     nodes, inits = [], []
