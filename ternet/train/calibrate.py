@@ -76,9 +76,13 @@ def _pre_fakew(g: QuantGraph, n, vals):
 
 
 @torch.no_grad()
-def correct_channels(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, match_std: bool = True,
-                     only=None, chunk: int = 16):
-    """Match each weighted node's per-channel output mean/std (fake-quant g) to the float ref."""
+def walk_pair(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, node_outputs, chunk: int = 16) -> None:
+    """Run the fake-quant student g and the float teacher ref side by side, node by node, on x.
+
+    `node_outputs(n, vq, vf, run)` returns the node's pre-activation outputs (yq, yf); it may first
+    change the student's weights for that node, reading both networks' current values vq / vf
+    (name -> tensor); `run(graph, n, vals)` evaluates a node in chunks of images. The walker then
+    applies each network's activation (+ quantization) and frees values past their last use."""
     g.mode, ref.mode = "fake", "float"
     vq, vf = {"input": g.input_real(x)}, {"input": ref.input_real(x)}
 
@@ -87,6 +91,21 @@ def correct_channels(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, match_std:
                           for i in range(0, len(x), chunk)])
 
     for i, n in enumerate(g.spec):
+        yq, yf = node_outputs(n, vq, vf, run)
+        vq[n["name"]] = g.node_post(n, yq)
+        vf[n["name"]] = ref.node_post(n, yf)
+        for s in n["inputs"]:
+            if g._last_use[s] == i:
+                vq.pop(s, None)
+                vf.pop(s, None)
+
+
+@torch.no_grad()
+def correct_channels(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, match_std: bool = True,
+                     only=None, chunk: int = 16):
+    """Match each weighted node's per-channel output mean/std (fake-quant g) to the float ref."""
+
+    def node_outputs(n, vq, vf, run):
         name = n["name"]
         yf = run(ref, n, vf)
         if n["op"] in WEIGHTED and (only is None or name in only) and n["op"] != "linear":
@@ -98,10 +117,6 @@ def correct_channels(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, match_std:
             g.weight[k].mul_(a.view(-1, *[1] * (g.weight[k].dim() - 1)))
             g.bias[k].copy_(a * g.bias[k] + (mf - a * mq))
             g._int = None
-        yq = run(g, n, vq)
-        vq[name] = g.node_post(n, yq)
-        vf[name] = ref.node_post(n, yf)
-        for s in n["inputs"]:
-            if g._last_use[s] == i:
-                vq.pop(s, None)
-                vf.pop(s, None)
+        return run(g, n, vq), yf
+
+    walk_pair(g, ref, x, node_outputs, chunk)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .calibrate import walk_pair
 from .fakequant import WEIGHTED, QuantGraph, key, ternary_weight
 
 
@@ -62,14 +63,8 @@ def gptq_ternarize(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, names, *, da
     """Ternarize the pointwise layers `names` of g (fake-quant student) against ref (float)."""
     names = set(names)
     gen = torch.Generator().manual_seed(0)
-    g.mode, ref.mode = "fake", "float"
-    vq, vf = {"input": g.input_real(x)}, {"input": ref.input_real(x)}
 
-    def run(graph, n, vals):
-        return torch.cat([graph.node_pre(n, {s: vals[s][i:i + chunk] for s in n["inputs"]})
-                          for i in range(0, len(x), chunk)])
-
-    for i, n in enumerate(g.spec):
+    def node_outputs(n, vq, vf, run):
         name, k = n["name"], key(n["name"])
         if name in names:
             src = n["inputs"][0]
@@ -101,9 +96,6 @@ def gptq_ternarize(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, names, *, da
             g.bias[k].add_(delta)
             yq = yq + (delta if n["op"] == "linear" else delta.view(1, -1, 1, 1))
             g._int = None
-        vq[name] = g.node_post(n, yq)
-        vf[name] = ref.node_post(n, yf)
-        for s in n["inputs"]:
-            if g._last_use[s] == i:
-                vq.pop(s, None)
-                vf.pop(s, None)
+        return yq, yf
+
+    walk_pair(g, ref, x, node_outputs, chunk)
