@@ -35,10 +35,14 @@ def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
         v = model._arena(batch)
         v[0] = x.reshape(-1, 3)
         logits = np.empty((batch, model.num_classes), np.float32)
-        for node, layer in zip(model.file.graph, model.layers):
-            args = (v, batch, logits) if node.op == "linear" else (v, batch)
+        for name, layer in zip(model.layer_names, model.layers):
+            op = type(layer).__name__
+            op = {"Conv": "conv2d", "Pointwise": "pointwise", "PointwiseAdd": "pointwise+add",
+                  "Depthwise": "depthwise", "Add": "add", "GlobalAvgPool": "global_avg_pool",
+                  "Linear": "linear"}.get(op, op)
+            args = (v, batch, logits) if op == "linear" else (v, batch)
             us = _median_ms(lambda: layer.run(*args), max(5, rounds // 2))[0] * 1e3
-            layers.append((node.name, node.op, us))
+            layers.append((name, op, us))
     return dict(batch=batch, threads=model.threads, kernels=model.kernels, compile_s=compile_s,
                 median_ms=med, min_ms=best, layers=layers, loadavg=os.getloadavg()[0])
 

@@ -47,6 +47,20 @@ class Pointwise:
 
 
 @dataclass(frozen=True)
+class PointwiseAdd:
+    """1x1 convolution with the residual add after it fused into its epilogue (see
+    kernels.vnni.PwAddPlan): writes the add's output, reading the conv input and the residual."""
+    src: int
+    res: int
+    dst: int
+    shape: Shape
+    plan: object
+
+    def run(self, v, n):
+        self.plan(v[self.src], n * self.shape.h * self.shape.w, v[self.dst], v[self.res])
+
+
+@dataclass(frozen=True)
 class Depthwise:
     src: int
     dst: int

@@ -15,7 +15,7 @@ import numpy as np
 from . import frozen
 from .format import ModelFile, pointwise_weight, read_model
 from .kernels.layout import pad_to, rows_for
-from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, Shape
+from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, PointwiseAdd, Shape
 from .reference import (add_params, node_qparams, padding_of, pool_params, requant_params,
                         run_reference)
 
@@ -82,7 +82,7 @@ class Model:
         self._pool = None
         self._built = None
         if kernels == "reference":
-            self._built = ([], [])
+            self._built = ([], [], [], set())
         elif not self._frozen_available(1):      # a frozen plan makes building unnecessary
             self._built = _build(mf, kernels)
 
@@ -97,6 +97,12 @@ class Model:
     def shapes(self) -> list:
         self.layers
         return self._built[1]
+
+    @property
+    def layer_names(self) -> list:
+        """Graph node name(s) each layer computes ('a+b' for a pointwise with its add fused)."""
+        self.layers
+        return self._built[2]
 
     # ------------------------------------------------------------------ metadata
     path = property(lambda self: self.file.path)
@@ -248,10 +254,14 @@ class Model:
         if n in self._views:
             return self._views[n]
         graph = self.file.graph
+        fused = self._built[3] if self.layers is not None else ()    # (builds the layers)
         last_use = {}
         for i, node in enumerate(graph):
             for name in node.inputs:
                 last_use[name] = i
+        for j in fused:                                   # fused pointwise + add at j - 1, j:
+            for name in graph[j - 1].inputs:              # the conv's input is read while the
+                last_use[name] = max(last_use[name], j)   # add's output is written
         ids = {node.name: i + 1 for i, node in enumerate(graph)}
         free: list[np.ndarray] = []
         live: dict[str, np.ndarray] = {}
@@ -298,13 +308,22 @@ def _build(mf: ModelFile, kernels: str):
     from .kernels.depthwise import make_depthwise
     from .kernels.elementwise import make_add, make_gap, make_linear
     from .kernels.pointwise import make_pointwise
+    from .kernels.vnni import PwVnniPlan, make_pw_add
 
     h, w = mf.input["height"], mf.input["width"]
     shapes = [Shape(h, w, 3, 3)]
     ids = {"input": 0}
-    layers = []
+    layers, names, fused = [], [], set()
+    uses: dict = {}
+    for node in mf.graph:
+        for name in node.inputs:
+            uses[name] = uses.get(name, 0) + 1
     for i, node in enumerate(mf.graph):
         a = node.attrs
+        if i in fused:                       # this add runs inside the preceding pointwise layer
+            ids[node.name] = i + 1
+            shapes.append(Shape(*node.out_shape, pad_to(node.out_shape[2])))
+            continue
         src = ids[node.inputs[0]]
         s = shapes[src]
         _, zx = node_qparams(mf, node.inputs[0])
@@ -328,6 +347,23 @@ def _build(mf: ModelFile, kernels: str):
             mult, zp, lo, hi = requant_params(mf, node)
             plan = make_pointwise(pointwise_weight(mf, node), mf.tensor(node, "bias"), zx, mult, zp,
                                   lo, hi, pointwise_impl(kernels, a["weight"]))
+            nxt = mf.graph[i + 1] if i + 1 < len(mf.graph) else None
+            if (isinstance(plan, PwVnniPlan) and nxt is not None and nxt.op == "add"
+                    and node.name in nxt.inputs and uses.get(node.name) == 1
+                    and nxt.inputs[0] != nxt.inputs[1] and ids[_other(nxt, node.name)] != 0):
+                # the residual add after a projection: fused into the conv's epilogue
+                za, ma, zb, mb, zo, alo, ahi = add_params(mf, nxt)
+                if nxt.inputs[1] == node.name:
+                    zr, mr, zq, mq = za, ma, zb, mb
+                else:
+                    zr, mr, zq, mq = zb, mb, za, ma
+                layers.append(PointwiseAdd(src, ids[_other(nxt, node.name)], i + 2, s,
+                                           make_pw_add(plan, zr, mr, zq, mq, zo, alo, ahi)))
+                names.append(f"{node.name}+{nxt.name}")
+                fused.add(i + 1)
+                ids[node.name] = i + 1
+                shapes.append(out)
+                continue
             layers.append(Pointwise(src, i + 1, s, plan))
         elif node.op == "add":
             plan = make_add(*add_params(mf, node))
@@ -340,9 +376,15 @@ def _build(mf: ModelFile, kernels: str):
             plan = make_linear(mf.tensor(node, "weight"), mf.tensor(node, "bias"), zx, s_in,
                                mf.tensor(node, "weight_scale"))
             layers.append(Linear(src, plan))
+        names.append(node.name)
         ids[node.name] = i + 1
         shapes.append(out)
-    return layers, shapes
+    return layers, shapes, names, fused
+
+
+def _other(add_node, name: str) -> str:
+    """The input of a two-input add node that is not `name`."""
+    return add_node.inputs[0] if add_node.inputs[1] == name else add_node.inputs[1]
 
 
 def load(name_or_path, threads: int | None = None, kernels: str = "auto") -> Model:

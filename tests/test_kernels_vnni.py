@@ -418,3 +418,26 @@ def test_import_compiles_nothing():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=root), timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(case=layers(), ternary=st.booleans(), add=st.tuples(
+    st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
+    st.integers(0, 255), st.floats(0.0625, 4.0, width=32), st.floats(0.0625, 4.0, width=32)))
+def test_fused_residual_add_matches_reference(isa, case, ternary, add):
+    """pointwise + residual add in one epilogue == pointwise_ref, then quant.add_ref."""
+    P, cin, cout, zx, zp_out, lo, hi, seed = case
+    zr, zp2, lo2, hi2_, _, mr, mq = add
+    lo2, hi2 = min(lo2, hi2_), max(lo2, hi2_)
+    rng = np.random.default_rng(seed)
+    x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
+    mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
+    q = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
+    plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa),
+                            zr, mr, zp_out, mq, zp2, lo2, hi2)
+    xb, out = buffers(x, P, plan.pw.cin_p, plan.pw.cout_p, rng)
+    res = rng.integers(0, 256, out.shape, dtype=np.uint8)
+    plan(xb, P, out, res)
+    want = quant.add_ref(res[:P, :cout], zr, mr, q, zp_out, mq, zp2, lo2, hi2)
+    np.testing.assert_array_equal(out[:P, :cout], want)
+    check_untouched(out, P)

@@ -99,7 +99,7 @@ class _Emitter:
 
     def __init__(self, context, builder, isa: Isa, sig, args, panel_bytes):
         self.b, self.isa, self.ctx, self.panel_bytes = builder, isa, context, panel_bytes
-        x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c = args
+        x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c = args[:11]
         t = sig.args
         self.x, self.xs = self._array(t[0], x)
         self.w, self.ws = self._array(t[1], w)         # ws: bytes between 16-channel blocks
@@ -116,6 +116,14 @@ class _Emitter:
         self.vi, self.vf = ir.VectorType(_i32, n), ir.VectorType(_f32, n)
         self.vnarrow = ir.VectorType(_i16, 2 * n)       # avx2's int16 partial sums
         self.zph, self.lo, self.hi = (_splat(builder, v, n) for v in (zph, lo, hi))
+        # fused residual add (quant.add_ref) after the requantization, see _add_residual
+        self.fused = len(args) > 11
+        if self.fused:
+            res, zr, mr, zq, mq, zph2, lo2, hi2 = args[11:]
+            self.res, self.rstride = self._array(t[11], res)
+            self.zr = _splat(builder, zr, n)
+            self.mr, self.zq, self.mq, self.zph2, self.lo2, self.hi2 = (
+                _splat(builder, v, n) for v in (mr, zq, mq, zph2, lo2, hi2))
 
     def _array(self, ty, val):
         """(i8* data, byte stride of the first axis)"""
@@ -227,22 +235,38 @@ class _Emitter:
                     b.store(acc, self._ptr(self.out, ofs, self.vi), align=1)
                     continue
                 vals.append(self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), mult[j]), self.zph)))
+            if self.fused:
+                vals = [self._add_residual(v, b.add(pt, _const(i)), c) for v, c in zip(vals, chan)]
             qs = [b.fptoui(v, ir.VectorType(_i8, n)) for v in vals]
             for j in range(0, len(qs), sub):       # one 16-byte store per 16 channels
                 q = qs[j] if sub == 1 else b.shuffle_vector(
                     qs[j], qs[j + 1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
                 b.store(q, self._ptr(self.out, b.add(orow, chan[j]), q.type), align=1)
 
-    def _clamp(self, v):
+    def _clamp(self, v, lo=None, hi=None):
         """min(max(v, lo), hi) for finite v, as vmaxps/vminps. Plain selects would do, but for
         avx2 LLVM merges them across the 16-channel concatenation into compare+blend pairs."""
         b = self.b
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
         if self.isa.name in ("avx2", "avx2i8"):
             vmax = _x86(b, "llvm.x86.avx.max.ps.256", self.vf, [self.vf, self.vf])
             vmin = _x86(b, "llvm.x86.avx.min.ps.256", self.vf, [self.vf, self.vf])
-            return b.call(vmin, [b.call(vmax, [v, self.lo]), self.hi])
-        v = b.select(b.fcmp_ordered("<", v, self.lo), self.lo, v)
-        return b.select(b.fcmp_ordered(">", v, self.hi), self.hi, v)
+            return b.call(vmin, [b.call(vmax, [v, lo]), hi])
+        v = b.select(b.fcmp_ordered("<", v, lo), lo, v)
+        return b.select(b.fcmp_ordered(">", v, hi), hi, v)
+
+    def _add_residual(self, v, row, chan):
+        """The requantized conv output v (float, clamped to [lo, hi] >= 0, so floor = truncation)
+        added to the residual row's uint8 values exactly as quant.add_ref does: each side
+        float32(int - zero point) * multiplier, summed, + zp_bias, clamped, floored later."""
+        b, n = self.b, self.isa.lanes
+        q = b.sitofp(b.fptosi(v, self.vi), self.vf)                 # exact: 0 <= q <= 255
+        fq = b.fmul(b.fsub(q, self.zq), self.mq)                    # q - zq exact in float32
+        ofs = b.add(b.mul(row, self.rstride), chan)
+        r = b.load(self._ptr(self.res, ofs, ir.VectorType(_i8, n)), align=1)
+        fr = b.fmul(b.sitofp(b.sub(b.zext(r, self.vi), self.zr), self.vf), self.mr)
+        return self._clamp(b.fadd(b.fadd(fr, fq), self.zph2), self.lo2, self.hi2)
 
     def _accumulators(self, vty, h, init):
         """h x len(init) accumulators set to init[j]: entry-block allocas, so LLVM keeps them in
@@ -316,10 +340,34 @@ def _chunk_intrinsic(isa: Isa, panel_bytes: int = PANEL_BYTES):
     return chunk
 
 
+def _chunk_add_intrinsic(isa: Isa, panel_bytes: int = PANEL_BYTES):
+    """_chunk_intrinsic with the residual add fused: extra (res u8[rows, Np] like out, zr i32, mr,
+    zq, mq, zph2, lo2, hi2 f32), out = add_ref(res, zr, mr, requant(acc), zq, mq, ...)."""
+    @intrinsic
+    def chunk(typingctx, x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq,
+              zph2, lo2, hi2):
+        if isa.name in cpu.ISA_FEATURES and not cpu.can_compile(isa.name):
+            raise RuntimeError(f"ternet: this CPU (or numba's target) lacks {isa.name}")
+        sig = types.void(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq,
+                         zph2, lo2, hi2)
+
+        def codegen(context, builder, sig, args):
+            _Emitter(context, builder, isa, sig, args, panel_bytes).chunk()
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return chunk
+
+
 _chunk_vnni = _chunk_intrinsic(ISAS["avx512vnni"])
 _chunk_avx2 = _chunk_intrinsic(ISAS["avx2"])
 _chunk_avx2i8 = _chunk_intrinsic(ISAS["avx2i8"])
 _chunk_emu = _chunk_intrinsic(ISAS["emu512"])
+_chunk_add_vnni = _chunk_add_intrinsic(ISAS["avx512vnni"])
+_chunk_add_avx2 = _chunk_add_intrinsic(ISAS["avx2"])
+_chunk_add_avx2i8 = _chunk_add_intrinsic(ISAS["avx2i8"])
+_chunk_add_emu = _chunk_add_intrinsic(ISAS["emu512"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +466,76 @@ DRIVERS = {
     "avx2": (pw_t2_u8_avx2, pw_t2_u8_avx2_par, pw_t2_i32_avx2),
     "avx2i8": (pw_i8_u8_avx2, pw_i8_u8_avx2_par, pw_i8_i32_avx2),
     "emu512": (pw_i8_u8_emu512, pw_i8_u8_emu512_par, pw_i8_i32_emu512),
+}
+
+
+@kernel()
+def pw_i8_u8_vnni_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
+                      lo2, hi2):
+    """pw_i8_u8_vnni + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_add_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_vnni_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
+                  hi2):
+    """pw_i8_u8_vnni_add with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_add_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+@kernel()
+def pw_t2_u8_avx2_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
+                      lo2, hi2):
+    """pw_t2_u8_avx2 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_add_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+
+@kernel(parallel=True)
+def pw_t2_u8_avx2_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
+                  hi2):
+    """pw_t2_u8_avx2_add with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_add_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+@kernel()
+def pw_i8_u8_avx2_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
+                      lo2, hi2):
+    """pw_i8_u8_avx2 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_add_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_avx2_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
+                  hi2):
+    """pw_i8_u8_avx2_add with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_add_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+@kernel()
+def pw_i8_u8_emu512_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
+                        lo2, hi2):
+    """pw_i8_u8_emu512 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
+    for c in range(chunks.shape[0]):
+        _chunk_add_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+
+@kernel(parallel=True)
+def pw_i8_u8_emu512_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
+                  hi2):
+    """pw_i8_u8_emu512_add with the chunks spread over numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _chunk_add_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
+
+
+# isa -> (serial, parallel) drivers with the residual add fused
+ADD_DRIVERS = {
+    "avx512vnni": (pw_i8_u8_vnni_add, pw_i8_u8_vnni_add_par),
+    "avx2": (pw_t2_u8_avx2_add, pw_t2_u8_avx2_add_par),
+    "avx2i8": (pw_i8_u8_avx2_add, pw_i8_u8_avx2_add_par),
+    "emu512": (pw_i8_u8_emu512_add, pw_i8_u8_emu512_add_par),
 }
 
 
@@ -552,3 +670,43 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni") -> 
     return PwVnniPlan(cin, cout, cin_p, cout_p, IMPL_OF[isa], isa, wp,
                       biasp, multp, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
                       -(-cin // 4))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PwAddPlan:
+    """A pointwise layer with the residual add after it fused into its epilogue:
+    `plan(x, P, out, res)` writes rows [0, P) of out = quant.add_ref(res, zr, mr, q, zq, mq, zp_out,
+    lo, hi) where q = the pointwise layer's requantized output (see make_pw_add). Saves the add's
+    pass over memory and the intermediate buffer."""
+    pw: PwVnniPlan
+    zr: np.int32
+    mr: np.float32
+    zq: np.float32
+    mq: np.float32
+    zph: np.float32
+    lo: np.float32
+    hi: np.float32
+
+    def __call__(self, x, P, out, res):
+        """x u8[rows, cin_p]; out, res u8[rows, cout_p]; rows >= P + ROW_SLACK."""
+        pw = self.pw
+        check_pw_buffers(x, P, out, pw.cin_p, pw.cout_p, _U8)
+        if res.shape[0] < P + ROW_SLACK or res.shape[1] != pw.cout_p or res.dtype != _U8 \
+                or not res.flags.c_contiguous:
+            raise ValueError(f"residual must be C-contiguous u8[>= {P + ROW_SLACK}, {pw.cout_p}], "
+                             f"got {res.dtype} {res.shape}")
+        if P:
+            _, chunks = pw._work(P)
+            serial, par = ADD_DRIVERS[pw.isa]
+            (par if len(chunks) > 1 else serial)(
+                x, pw.w, pw.bias, pw.mult, pw.zph, pw.lo, pw.hi, out, pw.nkb, chunks,
+                res, self.zr, self.mr, self.zq, self.mq, self.zph, self.lo, self.hi)
+
+
+def make_pw_add(pw: PwVnniPlan, zr, mr, zq, mq, zp_out, lo, hi) -> PwAddPlan:
+    """Fuse `out = quant.add_ref(res, zr, mr, pw(x), zq, mq, zp_out, lo, hi)` (the residual as
+    either operand: the float sum is commutative) into the pointwise plan pw."""
+    if not 0 <= int(lo) <= int(hi) <= 255:
+        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    return PwAddPlan(pw, np.int32(zr), np.float32(mr), np.float32(zq), np.float32(mq),
+                     quant.zp_bias(zp_out), np.float32(lo), np.float32(hi))
