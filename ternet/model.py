@@ -79,6 +79,7 @@ class Model:
         self._views: dict[int, list] = {}
         self._frozen: dict[int, object] = {}     # batch size -> FrozenPlan, or False: use numba
         self._workers: dict[tuple, object] = {}  # (batch size, worker) -> FrozenPlan for threads > 1
+        self._padded: set = set()                # batch sizes once run padded into a bigger plan
         self._pool = None
         self._built = None
         if kernels == "reference":
@@ -204,11 +205,13 @@ class Model:
                 plan = frozen.load(key)
             except (OSError, frozen.FrozenError) as e:
                 _debug_note(f"frozen plan not loaded: {e}")
-            bigger = sorted(m for m, p in self._frozen.items() if p and m > n)
-            if plan is None and bigger and pad_ok:
-                # e.g. the last, partial batch of a directory: zero-pad it into a loaded plan
-                # (images are computed independently, so its logits are the same) rather than
-                # import numba and record a plan for a batch size that may never recur
+            bigger = sorted(m for m, p in self._frozen.items() if p and n < m <= 2 * n)
+            if plan is None and bigger and pad_ok and n not in self._padded:
+                # e.g. the last, partial batch of a directory: zero-pad it (once, at most 2x the
+                # work) into a loaded plan (images are computed independently, so its logits are
+                # the same) rather than import numba and record a plan for a batch size that may
+                # never recur; if it does recur, it gets its own plan
+                self._padded.add(n)
                 m = bigger[0]
                 xp = np.zeros((m,) + x.shape[1:], np.uint8)
                 xp[:n] = x

@@ -115,12 +115,15 @@ def test_images_parallel_over_threads(tiny, cache):
 
 
 def test_partial_batch_reuses_a_bigger_loaded_plan(tiny, cache):
-    """A smaller batch after a bigger one is zero-padded into the loaded plan: same logits, no
-    new plan recorded."""
+    """A smaller batch after a bigger one (at most twice its size) is zero-padded into the loaded
+    plan once: same logits, no new plan; when that size recurs it gets its own plan."""
     path, x, ref = tiny
     m = ternet.load(path)
     np.testing.assert_array_equal(m.predict(x), ref)              # records the 3-image plan
     np.testing.assert_array_equal(m.predict(x), ref)
     np.testing.assert_array_equal(m.predict(x[1:]), ref[1:])      # 2 images: padded to 3
-    np.testing.assert_array_equal(m.predict(x[2:]), ref[2:])
     assert len(_plans(cache)) == 1
+    np.testing.assert_array_equal(m.predict(x[1:]), ref[1:])      # again: its own plan now
+    assert len(_plans(cache)) == 2
+    np.testing.assert_array_equal(m.predict(x[2:]), ref[2:])      # 1 image: 2 <= 2 x 1, padded
+    assert len(_plans(cache)) == 2
