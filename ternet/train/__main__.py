@@ -92,7 +92,7 @@ def cmd_ptq(a):
         keep = set(filter(None, a.keep_int8.split(",")))
         names = [n for n in prom_layers(g, head=a.weights == "prom") if n not in keep]
         x = torch.cat(calib_batches(a.arch, a.gptq, a.size, a.seed + 1))
-        gptq_ternarize(g, ref, x, names, damp=a.damp, log=log)
+        gptq_ternarize(g, ref, x, names, damp=a.damp, keep_filters=a.keep_filters, log=log)
         del x
         g.mode = "calib"
         calibrate_ranges(g, cal, a.method)
@@ -259,6 +259,8 @@ def main(argv=None):
     s.add_argument("--gptq", type=int, default=0,
                    help="ternarize with sequential GPTQ + bias correction on this many CIFAR images")
     s.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diag)")
+    s.add_argument("--keep-filters", type=float, default=0.0,
+                   help="with --gptq: fraction of each layer's filters kept int8 (per-filter hybrid)")
     s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_ptq)

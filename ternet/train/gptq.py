@@ -59,8 +59,11 @@ def gptq_ternary(w: torch.Tensor, h: torch.Tensor, rounds: int = 3) -> tuple[tor
 
 @torch.no_grad()
 def gptq_ternarize(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, names, *, damp: float = 0.01,
-                   max_rows: int = 200_000, chunk: int = 16, rounds: int = 3, log=print) -> None:
-    """Ternarize the pointwise layers `names` of g (fake-quant student) against ref (float)."""
+                   max_rows: int = 200_000, chunk: int = 16, rounds: int = 3,
+                   keep_filters: float = 0.0, log=print) -> None:
+    """Ternarize the pointwise layers `names` of g (fake-quant student) against ref (float).
+    keep_filters > 0: per-filter hybrid (Gope et al.): in every such layer that fraction of the
+    filters with the largest relative ternarization error (in the Hessian norm) stay int8."""
     names = set(names)
     gen = torch.Generator().manual_seed(0)
 
@@ -84,8 +87,16 @@ def gptq_ternarize(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, names, *, da
             t0, a0 = ternary_weight(wp)
             e0, e1 = wp - t0 * a0.double()[:, None], wp - t * alpha[:, None]
             before, after = (e0 @ hd * e0).sum(), (e1 @ hd * e1).sum()
-            g.weight[k].copy_((t * alpha[:, None]).reshape(g.weight[k].shape).float())
-            g.set_wmode(name, "ternary")
+            latent = t * alpha[:, None]
+            keep = int(round(keep_filters * len(wp)))
+            if keep:
+                rel = (e1 @ hd * e1).sum(1) / (wp @ hd * wp).sum(1).clamp_min(1e-30)
+                rows = torch.argsort(rel, descending=True)[:keep]
+                latent[rows] = wp[rows]                  # int8 rows: the corrected float weights
+                g.set_wmode(name, "hybrid", int8_rows=rows.tolist())
+            else:
+                g.set_wmode(name, "ternary")
+            g.weight[k].copy_(latent.reshape(g.weight[k].shape).float())
             log(f"gptq {name}: {w.shape[1]}->{w.shape[0]}, {len(xq)} px, proxy error "
                 f"{float(after / before):.3f} of plain ternarization, sparsity {float((t == 0).double().mean()):.2f}")
         yf = run(ref, n, vf)
