@@ -23,6 +23,9 @@ promotes to registers. ISAs:
 * emu512: portable IR with vpdpbusd's exact semantics and the avx512vnni tiling, so the tiling
   and epilogue are tested on CPUs without AVX-512. Slow; never chosen for inference.
 
+A projection followed by a residual add can run with the add fused into the epilogue
+(`make_pw_add`, the `*_add` drivers): requantize, floor, then quant.add_ref with the residual row.
+
 Importing compiles nothing; drivers compile on first call (a CPU lacking the ISA raises
 RuntimeError at that point, before any code is generated).
 """
