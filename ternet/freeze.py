@@ -254,14 +254,12 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
     for k in kernels:
         obj = k.pop("obj")
         k["blob"], k["size"] = put(obj), len(obj)
-    ll = frozen._llvm()
     from numba.core.registry import cpu_target
     cg = cpu_target.target_context.codegen()
     meta = {"format": frozen.FORMAT, "cpu": cg._get_host_cpu_name(), "features": cg._tm_features,
             "kernels": kernels, "calls": rec_calls, "regions": reg_meta,
             "input": [0, 0, list(x.shape), x.dtype.str], "output": [1, 0, list(logits.shape), logits.dtype.str],
-            "blob_size": len(blob), "blob_sha256": hashlib.sha256(blob).hexdigest(),
-            "llvm_host": ll.get_host_cpu_name()}
+            "blob_size": len(blob), "blob_sha256": hashlib.sha256(blob).hexdigest()}
     meta = json.loads(json.dumps(meta))          # what load() will see
 
     # verify: the replay must reproduce the numba path exactly, on this input and on another

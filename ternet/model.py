@@ -133,11 +133,11 @@ class Model:
                 xc, oc = np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK]
                 if can_freeze and threads == 1:
                     self._forward_frozen(xc, oc)
-                elif can_freeze and len(xc) > 1 and self._forward_images_parallel(xc, oc, threads):
-                    pass
-                else:
-                    self._set_threads(threads)
-                    self._forward(xc, oc)
+                    continue
+                if can_freeze and len(xc) > 1 and self._forward_images_parallel(xc, oc, threads):
+                    continue
+                self._set_threads(threads)             # one image, or no frozen plans: numba's
+                self._forward(xc, oc)                  # threads split every layer
         return out
 
     def _forward_images_parallel(self, x, logits, threads: int) -> bool:
@@ -323,15 +323,15 @@ def _build(mf: ModelFile, kernels: str):
             uses[name] = uses.get(name, 0) + 1
     for i, node in enumerate(mf.graph):
         a = node.attrs
+        oh, ow, oc = node.out_shape
+        out = Shape(oh, ow, oc, pad_to(oc))
         if i in fused:                       # this add runs inside the preceding pointwise layer
             ids[node.name] = i + 1
-            shapes.append(Shape(*node.out_shape, pad_to(node.out_shape[2])))
+            shapes.append(out)
             continue
         src = ids[node.inputs[0]]
         s = shapes[src]
         _, zx = node_qparams(mf, node.inputs[0])
-        oh, ow, oc = node.out_shape
-        out = Shape(oh, ow, oc, pad_to(oc))
         if node.op in ("conv2d", "depthwise"):
             mult, zp, lo, hi = requant_params(mf, node)
             pt, pl, ho, wo = padding_of(node, s.h, s.w)

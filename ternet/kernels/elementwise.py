@@ -148,15 +148,11 @@ def linear_ref(x, zx, w, bias, scale) -> np.ndarray:
     return linear_acc_ref(x, zx, w, bias).astype(np.float32) * np.asarray(scale, np.float32)
 
 
-@kernel()
-def linear_i8_u8(x, w, bias, scale, out, n):
-    """x u8[rows >= n, Kp] @ w i8[Cout, Kp]^T + folded bias -> out f32[rows >= n, Cout] (rows [0, n)).
-    The k loop is an int32 dot product (a vectorised vpmaddwd reduction); output-major order keeps
-    a weight row in L1 for all samples. Padded columns of w are 0. (Four samples per pass were
-    measured slower: 360 vs 262 us for n = 4.)
-    Headroom: |acc| <= |folded bias| + 255 * sum|w| <= 2**31 - 1 (checked by make_linear)."""
+@kernel(inline="always")
+def _linear_outputs(x, w, bias, scale, out, n, o0, o1):
+    """Outputs [o0, o1) of linear_i8_u8 (the one loop both drivers run)."""
     Kp = w.shape[1]
-    for o in range(w.shape[0]):
+    for o in range(o0, o1):
         for i in range(n):
             a = np.int32(0)
             for k in range(U(Kp)):
@@ -164,19 +160,23 @@ def linear_i8_u8(x, w, bias, scale, out, n):
             out[i, o] = np.float32(np.int32(a + bias[o])) * scale[o]
 
 
+@kernel()
+def linear_i8_u8(x, w, bias, scale, out, n):
+    """x u8[rows >= n, Kp] @ w i8[Cout, Kp]^T + folded bias -> out f32[rows >= n, Cout] (rows [0, n)).
+    The k loop is an int32 dot product (a vectorised vpmaddwd reduction); output-major order keeps
+    a weight row in L1 for all samples. Padded columns of w are 0. (Four samples per pass were
+    measured slower: 360 vs 262 us for n = 4.)
+    Headroom: |acc| <= |folded bias| + 255 * sum|w| <= 2**31 - 1 (checked by make_linear)."""
+    _linear_outputs(x, w, bias, scale, out, n, 0, w.shape[0])
+
+
 @kernel(parallel=True)
 def linear_i8_u8_par(x, w, bias, scale, out, n):
     """linear_i8_u8 with blocks of 64 outputs spread over numba's threads (each output computed
     by the same loop, so results do not depend on the thread count)."""
-    Kp = w.shape[1]
     nblk = (w.shape[0] + 63) // 64
     for ob in prange(nblk):
-        for o in range(ob * 64, min(w.shape[0], ob * 64 + 64)):
-            for i in range(n):
-                a = np.int32(0)
-                for k in range(U(Kp)):
-                    a += np.int32(w[o, k]) * np.int32(x[i, k])
-                out[i, o] = np.float32(np.int32(a + bias[o])) * scale[o]
+        _linear_outputs(x, w, bias, scale, out, n, ob * 64, min(w.shape[0], ob * 64 + 64))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -165,17 +165,17 @@ def cmd_recon(a):
     log = logger(out / "log.txt")
     ck_path = out / "ckpt.pt"
     t0 = time.time()
-    if ck_path.exists():
+    if ck_path.exists():                 # resuming: history and data already describe this run
         g, ck = load_ckpt(ck_path)
-        start, history, wall = ck["recon_done"], ck["history"], ck.get("wall_s", 0.0)
+        start, history, wall, data = ck["recon_done"], ck["history"], ck.get("wall_s", 0.0), ck["data"]
         log(f"resuming from {ck_path} at group {start}")
     else:
         g, ck = load_ckpt(a.init)
         start, history, wall = 0, ck["history"] + [command()], ck.get("wall_s", 0.0)
+        data = (ck.get("data", "") + f"; block reconstruction on {a.n} augmented CIFAR-10 train "
+                f"images at {a.size}px ({a.steps} steps x {a.batch} per block)")
         log(f"start block reconstruction: {command()}")
     x = torch.cat(calib_batches(a.arch, a.n, a.size, a.seed + 2))
-    data = (ck.get("data", "") + f"; block reconstruction on {a.n} augmented CIFAR-10 train "
-            f"images at {a.size}px ({a.steps} steps x {a.batch} per block)")
 
     def done(k):
         save_ckpt(ck_path, g, history=history, recon_done=k, wall_s=wall + time.time() - t0, data=data)
