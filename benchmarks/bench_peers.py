@@ -31,8 +31,11 @@ model's (an engine that disagrees is reported and, unless --keep-broken, not tim
 ternet-weights exports are compared with ternet on random inputs (top-1 agreement, max |dlogit|).
 
 Timing: per configuration (batch x threads) all engines are built and warmed up, then `--rounds`
-rounds run every engine `--inner` times, in an order rotated each round, with a short pause
-between engines so no thread pool is still spinning. Reported: median and min per call (ms) and
+rounds run every engine `--inner` times, in an order rotated each round. Before each engine's
+calls the process waits until no thread of any engine is still burning CPU (`settle`): thread
+pools spin after a call (measured here: onnxruntime's 2-thread pool keeps a core busy for ~50 ms,
+libgomp under ternet for ~8 ms), and a fixed 5 ms pause let that spinning steal the next engine's
+second core (ternet's b1 t2 p90 went from 6.9 to 14.9 ms with onnxruntime timed just before). Reported: median and min per call (ms) and
 ternet / best peer. Inputs: ternet and the ternet-weights exports take the uint8 NHWC pixels,
 the FP32 and PTQ models the equivalent float32 NCHW tensor (pixel - 127) / 128, converted
 outside the timed region. Always run under `flock /tmp/ternet-bench.lock` on the shared machine.
@@ -342,6 +345,20 @@ def verify(engines, threads, keep_broken, labels, log):
 
 
 # ----------------------------------------------------------------------------- timing
+def settle(min_s: float, window_s: float = 0.005, idle_cpu_s: float = 0.0005, max_s: float = 0.5) -> float:
+    """Sleep at least min_s, then until a window_s window passes in which all threads of this
+    process together used < idle_cpu_s of CPU (no thread pool spinning), at most max_s in all.
+    Returns the seconds waited."""
+    t0 = time.perf_counter()
+    time.sleep(min_s)
+    while time.perf_counter() - t0 < max_s:
+        c = time.process_time()
+        time.sleep(window_s)
+        if time.process_time() - c < idle_cpu_s:
+            break
+    return time.perf_counter() - t0
+
+
 def time_config(engines, batch, threads, rounds, inner, gap_s, seed=0):
     rng = np.random.default_rng(seed)
     x_u8 = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
@@ -357,7 +374,7 @@ def time_config(engines, batch, threads, rounds, inner, gap_s, seed=0):
         k = r % len(engines)
         for e in engines[k:] + engines[:k]:
             x = feed(e, x_u8, x_f32)
-            time.sleep(gap_s)
+            settle(gap_s)
             for _ in range(inner):
                 t = time.perf_counter()
                 e(x)
@@ -374,7 +391,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per configuration")
     ap.add_argument("--inner", type=int, default=3, help="timed calls per engine per round")
-    ap.add_argument("--gap-ms", type=float, default=5.0, help="pause between engines (thread pools settle)")
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="minimum pause between engines; then it waits until no thread spins (settle)")
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="ternet kernels to time (auto addonly ...)")
     ap.add_argument("--peers", nargs="+", default=list(ALL_PEERS), choices=ALL_PEERS, metavar="PEER",
                     help=f"peers to time (default all: {' '.join(ALL_PEERS)})")

@@ -1,8 +1,9 @@
 """k x k conv (ternet/kernels/conv.py): im2col_u8 against a numpy im2col, and the im2col + pointwise
 plan against conv_ref, bit for bit, for every pointwise kernel family this CPU runs."""
+import numba
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from ternet import quant
 from ternet.kernels import conv, cpu
@@ -70,6 +71,36 @@ def test_im2col_matches_numpy(case):
     exact = np.full((P, Kp), POISON, np.uint8)                          # no slack row: exact writes
     conv.im2col_u8(x, zx, k, stride, pt, pl, Ho, Wo, exact)
     np.testing.assert_array_equal(exact, cols[:P])
+
+
+@numba.njit
+def _im2col_blocks_reversed(x, zx, k, stride, pt, pl, Ho, Wo, cols, nchunks):
+    """im2col_u8_par's blocks run serially, LAST block first: a block whose last pixel spilled
+    stray bytes into the next block's rows would now overwrite that block's finished output."""
+    G = x.shape[0] * Ho
+    for c in range(nchunks - 1, -1, -1):
+        g0, g1 = c * G // nchunks, (c + 1) * G // nchunks
+        limit = g1 * Wo if c < nchunks - 1 else cols.shape[0]
+        conv._im2col_rows(x, zx, k, stride, pt, pl, Ho, Wo, cols, g0, g1, limit)
+
+
+@given(case=conv_layers(), nchunks=st.integers(1, 6))
+@example(case=(1, 4, 4, 3, 5, 1, 1, "same", 7, 0, 0, 255, 0), nchunks=2)   # 1x1: every row spills
+def test_im2col_par_blocks_equal_serial(case, nchunks):
+    N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
+    rng = np.random.default_rng(seed)
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
+    x = rng.integers(0, 256, (N, H, W, cin), dtype=np.uint8)
+    Kp = pad_to(k * k * cin)
+    P = N * Ho * Wo
+    nchunks = min(nchunks, N * Ho)
+    want = im2col_ref(x, zx, k, stride, pt, pl, Ho, Wo, Kp)
+    for run in (lambda c: conv.im2col_u8_par(x, zx, k, stride, pt, pl, Ho, Wo, c, nchunks),
+                lambda c: _im2col_blocks_reversed(x, zx, k, stride, pt, pl, Ho, Wo, c, nchunks)):
+        cols = np.full((P + ROW_SLACK, Kp), POISON, np.uint8)
+        run(cols)
+        np.testing.assert_array_equal(cols[:P], want)
+        assert (cols[P + 1:] == POISON).all(), "im2col wrote past row P"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from numba import prange
 
 from .. import quant
-from ._jit import U, kernel
+from ._jit import U, kernel, num_threads
 from .layout import CH_ALIGN, ROW_SLACK, pad_to
 
 I32_MAX = 2**31 - 1
+PAR_MIN_BYTES = 1 << 17    # im2col output above which it is split over threads (the stem: 392 KiB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,17 +116,10 @@ def _fast_run(xf, xo, xs, rs, cf, co, kpu, kc, npx, k):
         _zero16(cf, ci + U(k) * kc)
 
 
-@kernel()
-def im2col_u8(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols):
-    """x u8[N,H,W,Cin] -> cols u8[rows >= N*Ho*Wo, Kp]: row n*Ho*Wo + oy*Wo + ox holds the k x k x Cin
-    window in (ky, kx, ci) order, zx outside the image, 0 in columns [k*k*Cin, Kp). May write up to
-    15 bytes of row N*Ho*Wo if it exists (the ROW_SLACK rows); nothing else past the last real row.
-
-    Fast path (window inside the image, k*Cin <= 16 <= Kp <= k*k*Cin + 16): each kernel row is
-    k*Cin contiguous bytes of x, copied as 16 bytes, then 16 zero bytes at column k*k*Cin. The extra
-    bytes of each store land where a later store overwrites them (the next kernel row, the zero
-    tail, or the next pixel's row: pixels go in ascending order), so only row N*Ho*Wo can keep
-    stray bytes. Never reads past the end of x."""
+@kernel(inline="always")
+def _im2col_rows(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols, g0, g1, limit):
+    """im2col_u8 for output rows g = n * Ho + oy in [g0, g1); fast-path stores never spill into
+    cols rows >= limit (each pixel's row spills at most into the next pixel's, see im2col_u8)."""
     N, H, W, Cin = x.shape
     Kp = cols.shape[1]
     xf = x.reshape(-1)
@@ -136,30 +131,57 @@ def im2col_u8(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols):
     # columns whose windows lie inside the image horizontally: ox*s - pl >= 0, ox*s - pl + k <= W
     ox_lo = min(Wo, (pad_left + stride - 1) // stride)
     ox_hi = max(ox_lo, min(Wo, (W - k + pad_left) // stride + 1))
-    for n in range(N):
-        for oy in range(Ho):
-            iy0 = oy * stride - pad_top
-            r0 = (n * Ho + oy) * Wo
-            a, b = Wo, Wo                                      # fast-path columns [a, b)
-            if fast and iy0 >= 0 and iy0 + k <= H:
-                a, b = ox_lo, ox_hi
-                # the last pixel may neither read past x nor spill past the last row of cols
-                last = (n * H + iy0 + k - 1) * W - pad_left            # tap (k-1, 0) of column 0
-                while b > a and (last + (b - 1) * stride) * Cin + 16 > xf.size:
-                    b -= 1
-                if b > a and r0 + b >= cols.shape[0]:
-                    b -= 1
-            for ox in range(a):
-                _im2col_px(xf, n, iy0, ox * stride - pad_left, H, W, Cin, k, zu, cf, U((r0 + ox) * Kp), Kp)
-            if b > a:
-                xo = U(((n * H + iy0) * W + a * stride - pad_left) * Cin)
-                co = U((r0 + a) * Kp)
-                if k == 3:      # the stem: taps unrolled (k constant after inlining)
-                    _fast_run(xf, xo, xs, rs, cf, co, kpu, U(kc), U(b - a), 3)
-                else:
-                    _fast_run(xf, xo, xs, rs, cf, co, kpu, U(kc), U(b - a), k)
-            for ox in range(max(a, b), Wo):
-                _im2col_px(xf, n, iy0, ox * stride - pad_left, H, W, Cin, k, zu, cf, U((r0 + ox) * Kp), Kp)
+    for g in range(g0, g1):
+        n, oy = g // Ho, g % Ho
+        iy0 = oy * stride - pad_top
+        r0 = g * Wo
+        a, b = Wo, Wo                                      # fast-path columns [a, b)
+        if fast and iy0 >= 0 and iy0 + k <= H:
+            a, b = ox_lo, ox_hi
+            # the last pixel may neither read past x nor spill past row limit - 1
+            last = (n * H + iy0 + k - 1) * W - pad_left            # tap (k-1, 0) of column 0
+            while b > a and (last + (b - 1) * stride) * Cin + 16 > xf.size:
+                b -= 1
+            if b > a and r0 + b >= limit:
+                b -= 1
+        for ox in range(a):
+            _im2col_px(xf, n, iy0, ox * stride - pad_left, H, W, Cin, k, zu, cf, U((r0 + ox) * Kp), Kp)
+        if b > a:
+            xo = U(((n * H + iy0) * W + a * stride - pad_left) * Cin)
+            co = U((r0 + a) * Kp)
+            if k == 3:      # the stem: taps unrolled (k constant after inlining)
+                _fast_run(xf, xo, xs, rs, cf, co, kpu, U(kc), U(b - a), 3)
+            else:
+                _fast_run(xf, xo, xs, rs, cf, co, kpu, U(kc), U(b - a), k)
+        for ox in range(max(a, b), Wo):
+            _im2col_px(xf, n, iy0, ox * stride - pad_left, H, W, Cin, k, zu, cf, U((r0 + ox) * Kp), Kp)
+
+
+@kernel()
+def im2col_u8(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols):
+    """x u8[N,H,W,Cin] -> cols u8[rows >= N*Ho*Wo, Kp]: row n*Ho*Wo + oy*Wo + ox holds the k x k x Cin
+    window in (ky, kx, ci) order, zx outside the image, 0 in columns [k*k*Cin, Kp). May write up to
+    15 bytes of row N*Ho*Wo if it exists (the ROW_SLACK rows); nothing else past the last real row.
+
+    Fast path (window inside the image, k*Cin <= 16 <= Kp <= k*k*Cin + 16): each kernel row is
+    k*Cin contiguous bytes of x, copied as 16 bytes, then 16 zero bytes at column k*k*Cin. The extra
+    bytes of each store land where a later store overwrites them (the next kernel row, the zero
+    tail, or the next pixel's row: pixels go in ascending order), so only row N*Ho*Wo can keep
+    stray bytes. Never reads past the end of x."""
+    _im2col_rows(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols, 0, x.shape[0] * Ho, cols.shape[0])
+
+
+@kernel(parallel=True)
+def im2col_u8_par(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols, nchunks):
+    """im2col_u8 with the output rows split into nchunks blocks over numba's threads (the same
+    bytes: a block's last pixel never spills into the next block's rows, only the last block's
+    may spill into row N*Ho*Wo). Splitting by rows like the GEMM after it keeps each thread's
+    cols rows in its own core's cache."""
+    G = x.shape[0] * Ho
+    for c in prange(nchunks):
+        g0, g1 = c * G // nchunks, (c + 1) * G // nchunks
+        limit = g1 * Wo if c < nchunks - 1 else cols.shape[0]
+        _im2col_rows(x, zx, k, stride, pad_top, pad_left, Ho, Wo, cols, g0, g1, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +263,13 @@ class ConvPlan:
         P = n * self.Ho * self.Wo
         cols = self.cols(n)
         if P:
-            im2col_u8(x4d, self.zx, self.k, self.stride, self.pad_top, self.pad_left, self.Ho,
-                      self.Wo, cols)
+            threads = num_threads() if P * self.kp >= PAR_MIN_BYTES else 1
+            if threads > 1:
+                im2col_u8_par(x4d, self.zx, self.k, self.stride, self.pad_top, self.pad_left,
+                              self.Ho, self.Wo, cols, min(threads, n * self.Ho))
+            else:
+                im2col_u8(x4d, self.zx, self.k, self.stride, self.pad_top, self.pad_left, self.Ho,
+                          self.Wo, cols)
         self.pw(cols, P, out2d)
 
 
