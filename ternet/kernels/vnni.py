@@ -185,9 +185,7 @@ class _Emitter:
         i8 = self.isa.name == "avx2i8"
         kbytes = 64 * self.isa.wbytes                 # weight bytes of one K step of a 16-oc block
         xrow = b.mul(pt, self.xs)
-        # The int32 accumulators start at the bias (saves an add per output vector).
         bias = [b.load(self._ptr(self.bias, b.mul(c, _const(4)), self.vi), align=1) for c in chan]
-        accs = self._accumulators(self.vi, h, bias)
 
         def k_steps(start, stop, acc):      # acc[i][j] += products of K steps [start, stop)
             with cgutils.for_range_slice(b, start, stop, _const(1)) as (kb, _):
@@ -210,17 +208,31 @@ class _Emitter:
         # int32 adds wrap, never saturate. avx2 (ternary): a vpmaddubsw lane is a pair sum of
         # magnitude <= 2*255 = 510, so 64 K steps fit int16 (64*510 = 32640 <= 32767); widening
         # with vpmaddwd(1) once per 64 steps instead of every step halves the inner-loop work.
+        # The first group is peeled and starts the int32 accumulators at bias + its widened sums:
+        # in a loop over all groups the int32 accumulators would be live (loop-carried) during
+        # every K loop, 8 int32 + 8 int16 accumulators > 16 ymm, and LLVM spilled them to the
+        # stack around every widening; now the K loop of a layer with <= 256 input channels (one
+        # group: all expand layers) holds only the int16 ones.
         if self.isa.kgroup:
             g = _const(self.isa.kgroup)
-            with cgutils.for_range_slice(b, _const(0), self.nkb, g) as (k0, _):
+            accs = [[cgutils.alloca_once(b, self.vi) for _ in range(nvec)] for _ in range(h)]
+
+            def group(k0, first):
                 k1 = b.add(k0, g)
                 k1 = b.select(b.icmp_unsigned("<", k1, self.nkb), k1, self.nkb)
                 narrow = self._accumulators(self.vnarrow, h, [ir.Constant(self.vnarrow, None)] * nvec)
                 k_steps(k0, k1, narrow)
                 for i in range(h):
                     for j in range(nvec):
-                        b.store(self._widen(b.load(accs[i][j]), b.load(narrow[i][j])), accs[i][j])
+                        base = bias[j] if first else b.load(accs[i][j])
+                        b.store(self._widen(base, b.load(narrow[i][j])), accs[i][j])
+
+            group(_const(0), True)
+            with cgutils.for_range_slice(b, g, self.nkb, g) as (k0, _):
+                group(k0, False)
         else:
+            # The int32 accumulators start at the bias (saves an add per output vector).
+            accs = self._accumulators(self.vi, h, bias)
             k_steps(_const(0), self.nkb, accs)
         # Epilogue, per quant.requant_ref: float32(acc) * m, then + (zp + 0.5) as a separate add
         # (no contraction flags: an FMA would round once and differ), clamp to [lo, hi], floor.
