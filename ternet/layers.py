@@ -67,9 +67,11 @@ class Depthwise:
     src_shape: Shape
     dst_shape: Shape
     plan: object
+    pad: int = -1        # arena slot of the bordered-input scratch shared by the layers (-1: none)
 
     def run(self, v, n):
-        self.plan(self.src_shape.nhwc(v[self.src], n), self.dst_shape.nhwc(v[self.dst], n))
+        self.plan(self.src_shape.nhwc(v[self.src], n), self.dst_shape.nhwc(v[self.dst], n),
+                  v[self.pad] if self.pad >= 0 else None)
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,10 @@ class Model:
             for name in set(node.inputs):
                 if name != "input" and last_use.get(name) == i:
                     free.append(live.pop(name))
+        # one scratch for the depthwise layers' bordered input copies (slot len(graph) + 1)
+        pad = max((l.plan.padded_bytes(n) for l in self.layers if getattr(l, "pad", -1) >= 0),
+                  default=0)
+        views.append(np.zeros(pad, np.uint8))
         self._views[n] = views
         return views
 
@@ -342,7 +346,8 @@ def _build(mf: ModelFile, kernels: str):
                 layers.append(Conv(src, i + 1, s, plan))
             else:
                 plan = make_depthwise(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo)
-                layers.append(Depthwise(src, i + 1, s, out, plan))
+                layers.append(Depthwise(src, i + 1, s, out, plan,
+                                        len(mf.graph) + 1 if plan.padded else -1))
         elif node.op == "pointwise":
             if src == 0:
                 raise ValueError(f"{mf.path}: node {node.name!r}: a pointwise conv on the raw "

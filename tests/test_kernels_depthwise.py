@@ -97,6 +97,41 @@ def test_matches_reference(case):
         assert (buf[N * Ho * Wo:] == POISON).all(), "wrote past the output rows"
 
 
+@given(case=dw_layers(), junk=st.integers(0, 255))
+def test_bordered_copy_equals_gather(case, junk):
+    """pad_input=True (copy into a zero-point border, every pixel interior) and False (border
+    pixels gather their window) both equal the reference, with the plan's own scratch and with a
+    larger shared scratch full of junk; pad_u8 equals numpy padding."""
+    N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
+    rng, plan, x, w, bias, mult, acc, x4, (Ho, Wo, pt, pl) = run(case)
+    want = dw.depthwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pt, pl, Ho, Wo)
+    for pad_input in (True, False):
+        p = dw.make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pt, pl, H, W, Ho, Wo,
+                              pad_input=pad_input)
+        assert p.padded == pad_input
+        for scratch in (None, np.full(p.padded_bytes(N) + 100, junk, np.uint8)):
+            buf, out = output(N, Ho, Wo, p.cp)
+            p(x4, out, scratch)
+            np.testing.assert_array_equal(out[..., :C], want)
+            assert (buf[N * Ho * Wo:] == POISON).all(), "wrote past the output rows"
+    Hp, Wp = max((Ho - 1) * stride + k, pt + H), max((Wo - 1) * stride + k, pl + W)
+    xp = np.full((N, Hp, Wp, x4.shape[3]), junk, np.uint8)
+    dw.pad_u8(x4, zx, pt, pl, xp)
+    ref = np.full_like(xp, zx)
+    ref[:, pt:pt + H, pl:pl + W] = x4
+    np.testing.assert_array_equal(xp, ref)
+
+
+def test_pads_input_rule():
+    """Bordered copy for the 5x5 stride-1 layers, gather for the 3x3 and stride-2 ones (Lite0)."""
+    assert dw.pads_input(5, 1, 2, 2, 7, 7, 7, 7)
+    assert dw.pads_input(5, 1, 2, 2, 14, 14, 14, 14)
+    assert dw.pads_input(5, 1, 2, 2, 28, 28, 28, 28)
+    assert not dw.pads_input(3, 1, 1, 1, 14, 14, 14, 14)
+    assert not dw.pads_input(5, 2, 1, 1, 56, 56, 28, 28)
+    assert not dw.pads_input(3, 2, 0, 0, 112, 112, 56, 56)
+
+
 @given(case=dw_layers())
 def test_accumulators_match_reference(case):
     N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
