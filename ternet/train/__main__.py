@@ -79,6 +79,58 @@ def calib_batches(arch, n, size, seed, split="train", bs=32):
     return [aug.batch(bs, i) for i in range(max(1, n // bs))]
 
 
+def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
+    """n uint8-valued images at size: 'cifar' (augmented CIFAR-10 train), 'synth:PATH' (images
+    from the synth command, resized if needed) or 'mix:PATH' (half each); and a description."""
+    if spec == "cifar":
+        return torch.cat(calib_batches(arch, n, size, seed)), f"{n} augmented CIFAR-10 train images"
+    kind, _, path = spec.partition(":")
+    if kind not in ("synth", "mix") or not path:
+        raise SystemExit(f"--data: expected cifar, synth:PATH or mix:PATH, got {spec!r}")
+    syn = torch.load(path)["images"].float()
+    if syn.shape[-1] != size:
+        syn = torch.nn.functional.interpolate(syn, size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=True).round().clamp(0, 255)
+    k = n if kind == "synth" else n // 2
+    if len(syn) < k:
+        raise SystemExit(f"--data {spec}: {len(syn)} images, {k} needed")
+    desc = f"{k} BN-statistics synthetic images ({path})"
+    if kind == "synth":
+        return syn[:k], desc
+    return (torch.cat([torch.cat(calib_batches(arch, n - k, size, seed)), syn[:k]]),
+            f"{n - k} augmented CIFAR-10 train images + {desc}")
+
+
+def data_images_desc(a) -> str:
+    return (f"{a.n} augmented CIFAR-10 train images" if a.data == "cifar"
+            else f"{a.n} images of --data {a.data}")
+
+
+def cmd_synth(a):
+    from .synth import synthesize
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = logger(out.with_suffix(".log"))
+    done = torch.load(out) if out.exists() else {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
+                                                   "command": command()}
+    if done["images"].shape[-1] != a.size:
+        raise SystemExit(f"{out}: holds {done['images'].shape[-1]}px images, not {a.size}px")
+    model = build(a.arch)
+    scale, zp = input_qparams(a.arch)
+    while len(done["images"]) < a.n:
+        b = len(done["images"]) // a.batch
+        t0 = time.time()
+        log(f"batch {b} ({len(done['images'])}/{a.n} images done)")
+        imgs = synthesize(model, min(a.batch, a.n - len(done["images"])), a.size, steps=a.steps, lr=a.lr,
+                          scale=scale, zero_point=zp, seed=a.seed * 1000 + b, log=log)
+        done["images"] = torch.cat([done["images"], imgs.to(torch.uint8)])
+        tmp = out.with_suffix(".tmp")
+        torch.save(done, tmp)
+        tmp.replace(out)                              # resumable: one batch at a time
+        log(f"batch {b} done in {time.time() - t0:.0f}s; saved {len(done['images'])} images to {out}")
+
+
 def cmd_ptq(a):
     torch.set_num_threads(a.threads)
     log = logger(Path(a.out) / "log.txt")
@@ -172,10 +224,10 @@ def cmd_recon(a):
     else:
         g, ck = load_ckpt(a.init)
         start, history, wall = 0, ck["history"] + [command()], ck.get("wall_s", 0.0)
-        data = (ck.get("data", "") + f"; block reconstruction on {a.n} augmented CIFAR-10 train "
-                f"images at {a.size}px ({a.steps} steps x {a.batch} per block)")
+        data = (ck.get("data", "") + f"; block reconstruction on {data_images_desc(a)} at "
+                f"{a.size}px ({a.steps} steps x {a.batch} per block)")
         log(f"start block reconstruction: {command()}")
-    x = torch.cat(calib_batches(a.arch, a.n, a.size, a.seed + 2))
+    x, _ = data_images(a.data, a.arch, a.n, a.size, a.seed + 2)
 
     def done(k):
         save_ckpt(ck_path, g, history=history, recon_done=k, wall_s=wall + time.time() - t0, data=data)
@@ -289,8 +341,18 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=250, help="Adam steps per block")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--lr", type=float, default=1e-3, help="relative to each tensor's mean |value|")
+    s.add_argument("--data", default="cifar", help="cifar | synth:PATH | mix:PATH (see synth)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_recon)
+    s = sub.add_parser("synth", help="images matching the teacher's BatchNorm statistics (resumable)")
+    s.add_argument("--out", required=True, help=".pt file (uint8 images [n, 3, size, size])")
+    s.add_argument("--n", type=int, default=256)
+    s.add_argument("--size", type=int, default=160)
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
     s = sub.add_parser("sensitivity", help="per-layer ternarization sensitivity (held-out CIFAR)")
     s.add_argument("--ckpt", required=True, help="int8 ptq checkpoint")
     s.add_argument("--out", required=True, help="json file")
