@@ -56,14 +56,17 @@ def make_data(rng, N, H, W, cin, cout, k):
     return x, w, bias
 
 
+def im2col_case(case):
+    """(x, zx, k, stride, pt, pl, Ho, Wo, Kp, P) of a conv_layers() case."""
+    N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
+    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
+    x = np.random.default_rng(seed).integers(0, 256, (N, H, W, cin), dtype=np.uint8)
+    return x, zx, k, stride, pt, pl, Ho, Wo, pad_to(k * k * cin), N * Ho * Wo
+
+
 @given(case=conv_layers())
 def test_im2col_matches_numpy(case):
-    N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
-    rng = np.random.default_rng(seed)
-    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
-    x = rng.integers(0, 256, (N, H, W, cin), dtype=np.uint8)
-    Kp = pad_to(k * k * cin)
-    P = N * Ho * Wo
+    x, zx, k, stride, pt, pl, Ho, Wo, Kp, P = im2col_case(case)
     cols = np.full((P + ROW_SLACK, Kp), POISON, np.uint8)
     conv.im2col_u8(x, zx, k, stride, pt, pl, Ho, Wo, cols)
     np.testing.assert_array_equal(cols[:P], im2col_ref(x, zx, k, stride, pt, pl, Ho, Wo, Kp))
@@ -87,13 +90,8 @@ def _im2col_blocks_reversed(x, zx, k, stride, pt, pl, Ho, Wo, cols, nchunks):
 @given(case=conv_layers(), nchunks=st.integers(1, 6))
 @example(case=(1, 4, 4, 3, 5, 1, 1, "same", 7, 0, 0, 255, 0), nchunks=2)   # 1x1: every row spills
 def test_im2col_par_blocks_equal_serial(case, nchunks):
-    N, H, W, cin, cout, k, stride, mode, zx, zp_out, lo, hi, seed = case
-    rng = np.random.default_rng(seed)
-    pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
-    x = rng.integers(0, 256, (N, H, W, cin), dtype=np.uint8)
-    Kp = pad_to(k * k * cin)
-    P = N * Ho * Wo
-    nchunks = min(nchunks, N * Ho)
+    x, zx, k, stride, pt, pl, Ho, Wo, Kp, P = im2col_case(case)
+    nchunks = min(nchunks, x.shape[0] * Ho)
     want = im2col_ref(x, zx, k, stride, pt, pl, Ho, Wo, Kp)
     for run in (lambda c: conv.im2col_u8_par(x, zx, k, stride, pt, pl, Ho, Wo, c, nchunks),
                 lambda c: _im2col_blocks_reversed(x, zx, k, stride, pt, pl, Ho, Wo, c, nchunks)):
