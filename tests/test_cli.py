@@ -202,9 +202,10 @@ def test_debug_shows_traceback(photos, tmp_path):
 def test_ctrl_c_exits_130(tiny, tmp_path):
     d = tmp_path / "many"
     d.mkdir()
-    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    for i in range(400):
-        img.save(d / f"{i:04d}.png")
+    src = tmp_path / "one.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src)
+    for i in range(5000):       # enough work (seconds) that the run cannot end before the signal
+        os.symlink(src, d / f"{i:05d}.png")     # lands, even with this process descheduled
     e = {k: v for k, v in os.environ.items() if k != "TERNET_MODEL"}
     p = subprocess.Popen([sys.executable, "-m", "ternet", "classify", str(d), "--model", str(tiny),
                           *REF, "--json", "-b", "1"], cwd=ROOT, env=e, text=True,
