@@ -79,6 +79,31 @@ def calib_batches(arch, n, size, seed, split="train", bs=32):
     return [aug.batch(bs, i) for i in range(max(1, n // bs))]
 
 
+def load_synth(path: str, size: int) -> torch.Tensor:
+    """uint8-valued float images of a synth file, resized to size x size if needed."""
+    syn = torch.load(path)["images"].float()
+    if syn.shape[-1] != size:
+        syn = torch.nn.functional.interpolate(syn, size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=True).round().clamp(0, 255)
+    return syn
+
+
+class MixedAug:
+    """A CifarAug whose batches have a fraction `frac` of synthetic images (random picks, random
+    horizontal flips), deterministic given (seed, step) like CifarAug."""
+
+    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int):
+        self.aug, self.synth, self.frac, self.seed = aug, synth, frac, seed
+
+    def batch(self, n: int, step: int) -> torch.Tensor:
+        k = int(round(n * self.frac))
+        g = torch.Generator().manual_seed(self.seed * 7_000_003 + step)
+        pick = self.synth[torch.randint(0, len(self.synth), (k,), generator=g)]
+        flip = torch.rand(k, generator=g) < 0.5
+        pick[flip] = pick[flip].flip(3)
+        return torch.cat([self.aug.batch(n - k, step), pick]) if k < n else pick
+
+
 def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
     """n uint8-valued images at size: 'cifar' (augmented CIFAR-10 train), 'synth:PATH' (images
     from the synth command, resized if needed) or 'mix:PATH' (half each); and a description."""
@@ -87,10 +112,7 @@ def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[tor
     kind, _, path = spec.partition(":")
     if kind not in ("synth", "mix") or not path:
         raise SystemExit(f"--data: expected cifar, synth:PATH or mix:PATH, got {spec!r}")
-    syn = torch.load(path)["images"].float()
-    if syn.shape[-1] != size:
-        syn = torch.nn.functional.interpolate(syn, size=(size, size), mode="bilinear",
-                                              align_corners=False, antialias=True).round().clamp(0, 255)
+    syn = load_synth(path, size)
     k = n if kind == "synth" else n // 2
     if len(syn) < k:
         raise SystemExit(f"--data {spec}: {len(syn)} images, {k} needed")
@@ -201,12 +223,19 @@ def cmd_qat(a):
     if a.ramp:
         ramp_layers = prom_layers(g, head=a.weights == "prom")
     aug = CifarAug(cifar_u8(), a.size, "train", seed=a.seed)
-    held = CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)
+    data = f"augmented CIFAR-10 train images at {a.size}px"
+    if a.synth_frac > 0:
+        if not a.synth:
+            raise SystemExit("--synth-frac needs --synth PATH")
+        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed)
+        data += f" with {a.synth_frac:.0%} of each batch BN-statistics synthetic images ({a.synth})"
+    held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
+    if a.held_synth:
+        held["synth"] = load_synth(a.held_synth, 224)
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
           opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers,
-          extra={"history": history, "data": f"augmented CIFAR-10 train images at {a.size}px, "
-                                                f"KD from FP32 teacher logits (T={a.T})"})
+          extra={"history": history, "data": f"{data}, KD from FP32 teacher logits (T={a.T})"})
     log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
 
 
@@ -331,6 +360,9 @@ def main(argv=None):
     s.add_argument("--save-every", type=float, default=300.0)
     s.add_argument("--eval-every", type=int, default=250)
     s.add_argument("--eval-n", type=int, default=128)
+    s.add_argument("--synth", help="synth file (see synth) for --synth-frac")
+    s.add_argument("--synth-frac", type=float, default=0.0, help="fraction of each batch from --synth")
+    s.add_argument("--held-synth", help="synth file of held-out images: KD on them is logged too")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_qat)
     s = sub.add_parser("recon", help="block-wise reconstruction against the FP32 teacher (resumable)")

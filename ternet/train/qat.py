@@ -93,7 +93,9 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
             t0 = time.time()
             log(f"step {step}/{steps} loss {loss.item():.4f} lr {cur:.2e} {rate:.2f} img/s")
         if eval_every and step % eval_every == 0:
-            log(f"heldout step {step}: {heldout_metrics(g, teacher, held_x, T)}")
+            sets = held_x if isinstance(held_x, dict) else {"": held_x}
+            for name, hx in sets.items():
+                log(f"heldout{' ' + name if name else ''} step {step}: {heldout_metrics(g, teacher, hx, T)}")
         if time.time() - last_save > save_every:
             save()
             last_save = time.time()
