@@ -123,11 +123,6 @@ def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[tor
             f"{n - k} augmented CIFAR-10 train images + {desc}")
 
 
-def data_images_desc(a) -> str:
-    return (f"{a.n} augmented CIFAR-10 train images" if a.data == "cifar"
-            else f"{a.n} images of --data {a.data}")
-
-
 def cmd_synth(a):
     from .synth import synthesize
     torch.set_num_threads(a.threads)
@@ -246,6 +241,7 @@ def cmd_recon(a):
     log = logger(out / "log.txt")
     ck_path = out / "ckpt.pt"
     t0 = time.time()
+    x, desc = data_images(a.data, a.arch, a.n, a.size, a.seed + 2)
     if ck_path.exists():                 # resuming: history and data already describe this run
         g, ck = load_ckpt(ck_path)
         start, history, wall, data = ck["recon_done"], ck["history"], ck.get("wall_s", 0.0), ck["data"]
@@ -253,10 +249,9 @@ def cmd_recon(a):
     else:
         g, ck = load_ckpt(a.init)
         start, history, wall = 0, ck["history"] + [command()], ck.get("wall_s", 0.0)
-        data = (ck.get("data", "") + f"; block reconstruction on {data_images_desc(a)} at "
+        data = (ck.get("data", "") + f"; block reconstruction on {desc} at "
                 f"{a.size}px ({a.steps} steps x {a.batch} per block)")
         log(f"start block reconstruction: {command()}")
-    x, _ = data_images(a.data, a.arch, a.n, a.size, a.seed + 2)
 
     def done(k):
         save_ckpt(ck_path, g, history=history, recon_done=k, wall_s=wall + time.time() - t0, data=data)
