@@ -35,3 +35,48 @@ def test_synthesis_moves_statistics_to_the_targets_and_returns_pixels():
     assert px.min() >= 0 and px.max() <= 255 and torch.equal(px, px.round())
     after = bn_stat_loss(m, (px - zp) * scale).item()
     assert after < 0.1 * before
+
+
+def small_classifier():
+    """conv -> BN -> ReLU -> global mean pool -> identity linear: class j = channel j, so every
+    class is reachable."""
+    fc = nn.Linear(3, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.eye(3))
+        fc.bias.zero_()
+    m = small_model([0.0, 0.0, 0.0], [0.5, 0.5, 0.5])
+    return nn.Sequential(*m, nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+
+
+def test_class_term_drives_the_teacher_to_the_targets():
+    m = small_classifier()
+    targets = torch.tensor([0, 1, 2, 1] * 4)
+    kw = dict(steps=150, lr=0.05, scale=1 / 128, zero_point=127, seed=0, log=lambda s: None)
+    plain = synthesize(m, 16, 8, **kw)
+    aimed = synthesize(m, 16, 8, targets=targets, ce=1.0, **kw)
+    hit = lambda px: (m((px - 127) / 128).argmax(1) == targets).float().mean().item()  # noqa: E731
+    assert hit(aimed) == 1.0
+    assert hit(plain) < 1.0                       # the class term, not the BN term, did it
+
+
+def test_init_images_are_the_starting_point():
+    m = small_classifier()
+    init = torch.randint(0, 256, (4, 3, 8, 8)).float()
+    kw = dict(lr=0.05, scale=1 / 128, zero_point=127, seed=0, log=lambda s: None)
+    assert torch.equal(synthesize(m, 4, 8, steps=0, init=init, **kw), init)
+    with pytest.raises(ValueError, match="init: expected shape"):
+        synthesize(m, 4, 16, steps=1, init=init, **kw)
+
+
+def test_load_synth_concatenates_files_and_resizes_only_on_request(tmp_path):
+    from ternet.train.__main__ import load_synth
+    a, b, c = (torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8) for n, s in ((2, 8), (3, 8), (1, 16)))
+    for name, x in zip("abc", (a, b, c)):
+        torch.save({"images": x}, tmp_path / f"{name}.pt")
+    ab = load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", None)
+    assert torch.equal(ab, torch.cat([a, b]).float())
+    mixed = load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", 16)
+    assert mixed.shape == (3, 3, 16, 16) and torch.equal(mixed[2], c[0].float())
+    assert torch.equal(mixed, mixed.round()) and mixed.min() >= 0 and mixed.max() <= 255
+    with pytest.raises(SystemExit, match="different image sizes"):
+        load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", None)

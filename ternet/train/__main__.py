@@ -79,13 +79,20 @@ def calib_batches(arch, n, size, seed, split="train", bs=32):
     return [aug.batch(bs, i) for i in range(max(1, n // bs))]
 
 
-def load_synth(path: str, size: int) -> torch.Tensor:
-    """uint8-valued float images of a synth file, resized to size x size if needed."""
-    syn = torch.load(path)["images"].float()
-    if syn.shape[-1] != size:
-        syn = torch.nn.functional.interpolate(syn, size=(size, size), mode="bilinear",
-                                              align_corners=False, antialias=True).round().clamp(0, 255)
-    return syn
+def load_synth(path: str, size: int | None) -> torch.Tensor:
+    """uint8-valued float images of a synth file (or of comma-separated files, concatenated),
+    resized to size x size if needed (size None: as stored)."""
+    files = [p for p in path.split(",") if p]
+    syn = [torch.load(p)["images"].float() for p in files]
+    sizes = {x.shape[-1] for x in syn}
+    if size is None and len(sizes) > 1:
+        raise SystemExit(f"{path}: files of different image sizes {sorted(sizes)}")
+    return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True).round().clamp(0, 255)
 
 
 class MixedAug:
@@ -130,18 +137,28 @@ def cmd_synth(a):
     out.parent.mkdir(parents=True, exist_ok=True)
     log = logger(out.with_suffix(".log"))
     done = torch.load(out) if out.exists() else {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
+                                                   "targets": torch.empty(0, dtype=torch.int64),
                                                    "command": command()}
     if done["images"].shape[-1] != a.size:
         raise SystemExit(f"{out}: holds {done['images'].shape[-1]}px images, not {a.size}px")
     model = build(a.arch)
     scale, zp = input_qparams(a.arch)
+    n_cls = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    # every class equally often, in a seeded order: image i of the file aims at order[i % n_cls]
+    order = torch.randperm(n_cls, generator=torch.Generator().manual_seed(a.seed))
+    inits = CifarAug(cifar_u8(), a.size, a.init_split, seed=a.seed) if a.init == "cifar" else None
     while len(done["images"]) < a.n:
-        b = len(done["images"]) // a.batch
+        i0, b = len(done["images"]), len(done["images"]) // a.batch
+        k = min(a.batch, a.n - i0)
         t0 = time.time()
-        log(f"batch {b} ({len(done['images'])}/{a.n} images done)")
-        imgs = synthesize(model, min(a.batch, a.n - len(done["images"])), a.size, steps=a.steps, lr=a.lr,
-                          scale=scale, zero_point=zp, seed=a.seed * 1000 + b, log=log)
+        log(f"batch {b} ({i0}/{a.n} images done)")
+        targets = order[torch.arange(i0, i0 + k) % n_cls] if a.ce else None
+        imgs = synthesize(model, k, a.size, steps=a.steps, lr=a.lr, scale=scale, zero_point=zp,
+                          seed=a.seed * 1000 + b, targets=targets, ce=a.ce,
+                          init=inits.batch(k, b) if inits else None, log=log)
         done["images"] = torch.cat([done["images"], imgs.to(torch.uint8)])
+        done["targets"] = torch.cat([done.get("targets", torch.empty(0, dtype=torch.int64)),
+                                     targets if targets is not None else torch.full((k,), -1)])
         tmp = out.with_suffix(".tmp")
         torch.save(done, tmp)
         tmp.replace(out)                              # resumable: one batch at a time
@@ -223,10 +240,11 @@ def cmd_qat(a):
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
         aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed)
-        data += f" with {a.synth_frac:.0%} of each batch BN-statistics synthetic images ({a.synth})"
+        data += (f" with {a.synth_frac:.0%} of each batch synthetic images from the teacher's BN "
+                 f"statistics ({a.synth}, {len(aug.synth)} images)")
     held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
-    if a.held_synth:
-        held["synth"] = load_synth(a.held_synth, 224)
+    if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
+        held["synth"] = load_synth(a.held_synth, None)
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
           opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers,
@@ -355,7 +373,7 @@ def main(argv=None):
     s.add_argument("--save-every", type=float, default=300.0)
     s.add_argument("--eval-every", type=int, default=250)
     s.add_argument("--eval-n", type=int, default=128)
-    s.add_argument("--synth", help="synth file (see synth) for --synth-frac")
+    s.add_argument("--synth", help="synth file(s), comma-separated (see synth), for --synth-frac")
     s.add_argument("--synth-frac", type=float, default=0.0, help="fraction of each batch from --synth")
     s.add_argument("--held-synth", help="synth file of held-out images: KD on them is logged too")
     s.add_argument("--seed", type=int, default=0)
@@ -378,6 +396,13 @@ def main(argv=None):
     s.add_argument("--batch", type=int, default=32)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--ce", type=float, default=0.0,
+                   help="weight of the cross-entropy to one target class per image (classes in a "
+                        "seeded order, each equally often; 0: BN statistics only)")
+    s.add_argument("--init", choices=("noise", "cifar"), default="noise",
+                   help="start images: Gaussian noise or augmented, upscaled CIFAR-10 images")
+    s.add_argument("--init-split", choices=("train", "heldout"), default="train",
+                   help="CIFAR split of --init cifar (heldout for a held-out synthetic set)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_synth)
     s = sub.add_parser("sensitivity", help="per-layer ternarization sensitivity (held-out CIFAR)")
