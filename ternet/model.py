@@ -66,6 +66,12 @@ def default_threads() -> int:
     return int(env) if env else 1
 
 
+def scratch_slot(graph) -> int:
+    """Arena slot of the depthwise layers' shared bordered-input scratch: slot 0 is the graph
+    input, 1..len(graph) the node values, then the scratch (`Model._arena` appends it there)."""
+    return len(graph) + 1
+
+
 class Model:
     """A loaded model. `predict(x_u8[N,H,W,3]) -> float32 logits [N, num_classes]`."""
 
@@ -280,7 +286,8 @@ class Model:
             for name in set(node.inputs):
                 if name != "input" and last_use.get(name) == i:
                     free.append(live.pop(name))
-        # one scratch for the depthwise layers' bordered input copies (slot len(graph) + 1)
+        # one scratch for the depthwise layers' bordered input copies, after every value's slot
+        assert len(views) == scratch_slot(graph)
         pad = max((l.plan.padded_bytes(n) for l in self.layers if getattr(l, "pad", -1) >= 0),
                   default=0)
         views.append(np.zeros(pad, np.uint8))
@@ -347,7 +354,7 @@ def _build(mf: ModelFile, kernels: str):
             else:
                 plan = make_depthwise(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo)
                 layers.append(Depthwise(src, i + 1, s, out, plan,
-                                        len(mf.graph) + 1 if plan.padded else -1))
+                                        scratch_slot(mf.graph) if plan.padded else -1))
         elif node.op == "pointwise":
             if src == 0:
                 raise ValueError(f"{mf.path}: node {node.name!r}: a pointwise conv on the raw "
