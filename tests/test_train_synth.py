@@ -80,3 +80,24 @@ def test_load_synth_concatenates_files_and_resizes_only_on_request(tmp_path):
     assert torch.equal(mixed, mixed.round()) and mixed.min() >= 0 and mixed.max() <= 255
     with pytest.raises(SystemExit, match="different image sizes"):
         load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", None)
+
+
+class ZerosAug:
+    """Stands in for the CIFAR batches (no dataset needed): all-zero images."""
+    def batch(self, n, step):
+        return torch.zeros(n, 3, 8, 8)
+
+
+def test_mixed_batches_are_deterministic_and_only_crop_when_asked():
+    from ternet.train.__main__ import MixedAug
+    synth = torch.randint(1, 256, (5, 3, 8, 8)).float()      # no zero pixel: tells the parts apart
+    plain, cropped = MixedAug(ZerosAug(), synth, 0.75, seed=3), MixedAug(ZerosAug(), synth, 0.75, 3, crop=0.3)
+    for aug in (plain, cropped):
+        b = aug.batch(8, 7)
+        assert b.shape == (8, 3, 8, 8) and torch.equal(b, aug.batch(8, 7))
+        assert torch.equal(b[:2], torch.zeros(2, 3, 8, 8))   # 2 of 8 from the CIFAR side
+        assert torch.equal(b, b.round()) and b.min() >= 0 and b.max() <= 255
+    views = {tuple(x.flatten().tolist()) for x in torch.cat([synth, synth.flip(3)])}
+    assert all(tuple(x.flatten().tolist()) in views for x in plain.batch(8, 7)[2:])
+    crops = torch.cat([cropped.batch(8, s)[2:] for s in range(4)])
+    assert not all(tuple(x.flatten().tolist()) in views for x in crops)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import shlex
 import sys
 import time
@@ -97,10 +98,12 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 class MixedAug:
     """A CifarAug whose batches have a fraction `frac` of synthetic images (random picks, random
-    horizontal flips), deterministic given (seed, step) like CifarAug."""
+    horizontal flips and, with crop < 1, random resized crops of crop..1 of the area, resized
+    back), deterministic given (seed, step) like CifarAug. Each view gets its own teacher
+    logits, so a crop that loses the synthesised class evidence is still a valid KD example."""
 
-    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int):
-        self.aug, self.synth, self.frac, self.seed = aug, synth, frac, seed
+    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int, crop: float = 1.0):
+        self.aug, self.synth, self.frac, self.seed, self.crop = aug, synth, frac, seed, crop
 
     def batch(self, n: int, step: int) -> torch.Tensor:
         k = int(round(n * self.frac))
@@ -108,7 +111,20 @@ class MixedAug:
         pick = self.synth[torch.randint(0, len(self.synth), (k,), generator=g)]
         flip = torch.rand(k, generator=g) < 0.5
         pick[flip] = pick[flip].flip(3)
+        if self.crop < 1.0:
+            pick = torch.stack([self._crop(x, g) for x in pick])
         return torch.cat([self.aug.batch(n - k, step), pick]) if k < n else pick
+
+    def _crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        s = x.shape[-1]
+        area = float(torch.empty(1).uniform_(self.crop, 1.0, generator=g))
+        r = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
+        w, h = (min(s, max(1, round(s * math.sqrt(area * q)))) for q in (r, 1 / r))
+        t = int(torch.randint(0, s - h + 1, (1,), generator=g))
+        l = int(torch.randint(0, s - w + 1, (1,), generator=g))  # noqa: E741
+        c = x[None, :, t:t + h, l:l + w]
+        return torch.nn.functional.interpolate(c, size=(s, s), mode="bilinear", align_corners=False,
+                                               antialias=True)[0].round().clamp(0, 255)
 
 
 def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -239,9 +255,11 @@ def cmd_qat(a):
     if a.synth_frac > 0:
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
-        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed)
+        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed, a.synth_crop)
         data += (f" with {a.synth_frac:.0%} of each batch synthetic images from the teacher's BN "
-                 f"statistics ({a.synth}, {len(aug.synth)} images)")
+                 f"statistics ({a.synth}, {len(aug.synth)} images"
+                 + (f", random resized crops of {a.synth_crop:g}-1 of the area" if a.synth_crop < 1 else "")
+                 + ")")
     held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
     if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
         held["synth"] = load_synth(a.held_synth, None)
@@ -375,6 +393,8 @@ def main(argv=None):
     s.add_argument("--eval-n", type=int, default=128)
     s.add_argument("--synth", help="synth file(s), comma-separated (see synth), for --synth-frac")
     s.add_argument("--synth-frac", type=float, default=0.0, help="fraction of each batch from --synth")
+    s.add_argument("--synth-crop", type=float, default=1.0,
+                   help="random resized crops of this..1 of the area for the --synth images (1: none)")
     s.add_argument("--held-synth", help="synth file of held-out images: KD on them is logged too")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_qat)
