@@ -1,11 +1,16 @@
-"""python -m ternet.train {ptq,qat,export,eval} ...  (needs the `train` extra: torch).
+"""python -m ternet.train {ptq,qat,recon,synth,sensitivity,export,eval} ...  (needs the `train`
+extra: torch).
 
-  ptq     fold BN, calibrate activation ranges on CIFAR-10, optionally ternarize (PROM) with
-          per-channel correction; writes <out>/ckpt.pt (and --export FILE)
-  qat     PROM QAT with KD from the FP32 teacher, from a ptq checkpoint; resumable: rerun the
-          same command after an interruption and it continues from <out>/ckpt.pt
-  export  checkpoint -> ternet model file (with provenance and dev metrics)
-  eval    dev top-1/top-5 of a checkpoint (exact integer emulation) or a model file (reference)
+  ptq          fold BN, calibrate activation ranges on CIFAR-10, optionally ternarize (PROM) with
+               per-channel correction or GPTQ; writes <out>/ckpt.pt (and --export FILE)
+  qat          PROM QAT with KD from the FP32 teacher, from a ptq checkpoint, on CIFAR-10 and/or
+               synthetic images; resumable: rerun the same command and it continues from <out>/ckpt.pt
+  recon        block-wise reconstruction against the FP32 teacher (resumable)
+  synth        images from the teacher's BatchNorm statistics, optionally aimed at target classes
+               (resumable, one batch at a time)
+  sensitivity  per-layer ternarization sensitivity, for choosing hybrid layers
+  export       checkpoint -> ternet model file (with provenance and dev metrics)
+  eval         dev top-1/top-5 of a checkpoint (exact integer emulation) or a model file (reference)
 """
 from __future__ import annotations
 
@@ -409,7 +414,8 @@ def main(argv=None):
     s.add_argument("--data", default="cifar", help="cifar | synth:PATH | mix:PATH (see synth)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_recon)
-    s = sub.add_parser("synth", help="images matching the teacher's BatchNorm statistics (resumable)")
+    s = sub.add_parser("synth", help="images matching the teacher's BatchNorm statistics, optionally aimed "
+                                       "at classes (resumable)")
     s.add_argument("--out", required=True, help=".pt file (uint8 images [n, 3, size, size])")
     s.add_argument("--n", type=int, default=256)
     s.add_argument("--size", type=int, default=160)
