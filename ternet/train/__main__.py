@@ -96,6 +96,16 @@ def load_synth(path: str, size: int | None) -> torch.Tensor:
     return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
 
 
+def synth_provenance(path: str) -> str:
+    """Where the images of synth file(s) came from: each file's count and creating command (the
+    synthesis is deterministic per batch, so the first n images of that command are these)."""
+    parts = []
+    for p in filter(None, path.split(",")):
+        d = torch.load(p)
+        parts.append(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`")
+    return "; ".join(parts)
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                            antialias=True).round().clamp(0, 255)
@@ -261,10 +271,9 @@ def cmd_qat(a):
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
         aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed, a.synth_crop)
-        data += (f" with {a.synth_frac:.0%} of each batch synthetic images from the teacher's BN "
-                 f"statistics ({a.synth}, {len(aug.synth)} images"
+        data += (f" with {a.synth_frac:.0%} of each batch synthetic images ({len(aug.synth)} images"
                  + (f", random resized crops of {a.synth_crop:g}-1 of the area" if a.synth_crop < 1 else "")
-                 + ")")
+                 + f"; {synth_provenance(a.synth)})")
     held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
     if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
         held["synth"] = load_synth(a.held_synth, None)
