@@ -69,7 +69,7 @@ def test_init_images_are_the_starting_point():
 
 
 def test_load_synth_concatenates_files_and_resizes_only_on_request(tmp_path):
-    from ternet.train.__main__ import load_synth
+    from ternet.train.data import load_synth
     a, b, c = (torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8) for n, s in ((2, 8), (3, 8), (1, 16)))
     for name, x in zip("abc", (a, b, c)):
         torch.save({"images": x}, tmp_path / f"{name}.pt")
@@ -89,7 +89,7 @@ class ZerosAug:
 
 
 def test_mixed_batches_are_deterministic_and_only_crop_when_asked():
-    from ternet.train.__main__ import MixedAug
+    from ternet.train.data import MixedAug
     synth = torch.randint(1, 256, (5, 3, 8, 8)).float()      # no zero pixel: tells the parts apart
     plain, cropped = MixedAug(ZerosAug(), synth, 0.75, seed=3), MixedAug(ZerosAug(), synth, 0.75, 3, crop=0.3)
     for aug in (plain, cropped):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import shlex
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate_ranges, correct_channels
-from .data import CifarAug, cifar_u8, imagenet_labels, load_dev
+from .data import CifarAug, MixedAug, cifar_u8, imagenet_labels, load_dev, load_synth, synth_provenance
 from .evaluate import logits_of, reference_logits, topk
 from .fakequant import QuantGraph
 from .fold import fold_model, node_macs
@@ -83,63 +82,6 @@ def set_weights(g: QuantGraph, spec: str) -> None:
 def calib_batches(arch, n, size, seed, split="train", bs=32):
     aug = CifarAug(cifar_u8(), size, split, seed=seed)
     return [aug.batch(bs, i) for i in range(max(1, n // bs))]
-
-
-def load_synth(path: str, size: int | None) -> torch.Tensor:
-    """uint8-valued float images of a synth file (or of comma-separated files, concatenated),
-    resized to size x size if needed (size None: as stored)."""
-    files = [p for p in path.split(",") if p]
-    syn = [torch.load(p)["images"].float() for p in files]
-    sizes = {x.shape[-1] for x in syn}
-    if size is None and len(sizes) > 1:
-        raise SystemExit(f"{path}: files of different image sizes {sorted(sizes)}")
-    return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
-
-
-def synth_provenance(path: str) -> str:
-    """Where the images of synth file(s) came from: each file's count and creating command (the
-    synthesis is deterministic per batch, so the first n images of that command are these)."""
-    parts = []
-    for p in filter(None, path.split(",")):
-        d = torch.load(p)
-        parts.append(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`")
-    return "; ".join(parts)
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                           antialias=True).round().clamp(0, 255)
-
-
-class MixedAug:
-    """A CifarAug whose batches have a fraction `frac` of synthetic images (random picks, random
-    horizontal flips and, with crop < 1, random resized crops of crop..1 of the area, resized
-    back), deterministic given (seed, step) like CifarAug. Each view gets its own teacher
-    logits, so a crop that loses the synthesised class evidence is still a valid KD example."""
-
-    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int, crop: float = 1.0):
-        self.aug, self.synth, self.frac, self.seed, self.crop = aug, synth, frac, seed, crop
-
-    def batch(self, n: int, step: int) -> torch.Tensor:
-        k = int(round(n * self.frac))
-        g = torch.Generator().manual_seed(self.seed * 7_000_003 + step)
-        pick = self.synth[torch.randint(0, len(self.synth), (k,), generator=g)]
-        flip = torch.rand(k, generator=g) < 0.5
-        pick[flip] = pick[flip].flip(3)
-        if self.crop < 1.0:
-            pick = torch.stack([self._crop(x, g) for x in pick])
-        return torch.cat([self.aug.batch(n - k, step), pick]) if k < n else pick
-
-    def _crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        s = x.shape[-1]
-        area = float(torch.empty(1).uniform_(self.crop, 1.0, generator=g))
-        r = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
-        w, h = (min(s, max(1, round(s * math.sqrt(area * q)))) for q in (r, 1 / r))
-        t = int(torch.randint(0, s - h + 1, (1,), generator=g))
-        l = int(torch.randint(0, s - w + 1, (1,), generator=g))  # noqa: E741
-        c = x[None, :, t:t + h, l:l + w]
-        return torch.nn.functional.interpolate(c, size=(s, s), mode="bilinear", align_corners=False,
-                                               antialias=True)[0].round().clamp(0, 255)
 
 
 def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:

@@ -1,8 +1,10 @@
-"""Data: CIFAR-10 training images (upscaled, augmented) and the ImageNet dev images.
+"""Data: CIFAR-10 training images (upscaled, augmented), synthetic images from `synth` files
+(mixed into CIFAR batches by `MixedAug`) and the ImageNet dev images.
 
 Training, calibration and selection use ONLY CIFAR-10 *train* images, split by index: every
 10th image is held out (`split="heldout"`, for sensitivity / validation losses), the rest is
-`split="train"`. The ImageNet dev images are loaded only by `load_dev` for reporting.
+`split="train"`, and synthetic images made from them and the FP32 teacher. The ImageNet dev
+images are loaded only by `load_dev` for reporting.
 
 Model inputs are uint8 pixels: both architectures' input quantization maps a pixel to itself
 (Lite0: mean 127/255, std 128/255, scale 1/128, zero point 127), so a batch is produced as
@@ -46,6 +48,19 @@ def split_indices(n: int, split: str) -> np.ndarray:
     return idx[idx % 10 == 0] if split == "heldout" else idx[idx % 10 != 0]
 
 
+
+def crop_box(g: torch.Generator, s: int, min_area: float) -> tuple[int, int, int, int]:
+    """A random resized crop's box (top, left, height, width) in an s x s image: min_area..1 of
+    the area, aspect ratio 3/4..4/3 (log-uniform), drawn from g in a fixed order."""
+    area = float(torch.empty(1).uniform_(min_area, 1.0, generator=g))
+    logr = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
+    w = max(1, int(round(min(s, s * np.sqrt(area * np.exp(logr))))))
+    h = max(1, int(round(min(s, s * np.sqrt(area / np.exp(logr))))))
+    t = int(torch.randint(0, s - h + 1, (1,), generator=g))
+    l = int(torch.randint(0, s - w + 1, (1,), generator=g))  # noqa: E741
+    return t, l, h, w
+
+
 class CifarAug:
     """Upscaled, augmented CIFAR batches at `size` x `size`: random resized crops + flips, 2x2
     mosaics of four images and mixup blends (ImageNet-like statistics: several objects per
@@ -61,12 +76,7 @@ class CifarAug:
         img = self.x[i]
         if self.plain:
             return F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        area = float(torch.empty(1).uniform_(0.25, 1.0, generator=g))
-        logr = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
-        w = int(round(min(32, 32 * np.sqrt(area * np.exp(logr)))))
-        h = int(round(min(32, 32 * np.sqrt(area / np.exp(logr)))))
-        t = int(torch.randint(0, 32 - h + 1, (1,), generator=g))
-        l = int(torch.randint(0, 32 - w + 1, (1,), generator=g))
+        t, l, h, w = crop_box(g, 32, 0.25)
         c = img[:, t:t + h, l:l + w]
         if float(torch.rand(1, generator=g)) < 0.5:
             c = c.flip(2)
@@ -91,6 +101,56 @@ class CifarAug:
             else:
                 out[j] = self._crop(g, pick(), s)
         return out.round_().clamp_(0, 255)
+
+
+def load_synth(path: str, size: int | None) -> torch.Tensor:
+    """uint8-valued float images of a synth file (or of comma-separated files, concatenated),
+    resized to size x size if needed (size None: as stored)."""
+    files = [p for p in path.split(",") if p]
+    syn = [torch.load(p)["images"].float() for p in files]
+    sizes = {x.shape[-1] for x in syn}
+    if size is None and len(sizes) > 1:
+        raise SystemExit(f"{path}: files of different image sizes {sorted(sizes)}")
+    return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
+
+
+def synth_provenance(path: str) -> str:
+    """Where the images of synth file(s) came from: each file's count and creating command (the
+    synthesis is deterministic per batch, so the first n images of that command are these)."""
+    parts = []
+    for p in filter(None, path.split(",")):
+        d = torch.load(p)
+        parts.append(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`")
+    return "; ".join(parts)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).round().clamp(0, 255)
+
+
+class MixedAug:
+    """A CifarAug whose batches have a fraction `frac` of synthetic images (random picks, random
+    horizontal flips and, with crop < 1, random resized crops of crop..1 of the area, resized
+    back), deterministic given (seed, step) like CifarAug. Each view gets its own teacher
+    logits, so a crop that loses the synthesised class evidence is still a valid KD example."""
+
+    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int, crop: float = 1.0):
+        self.aug, self.synth, self.frac, self.seed, self.crop = aug, synth, frac, seed, crop
+
+    def batch(self, n: int, step: int) -> torch.Tensor:
+        k = int(round(n * self.frac))
+        g = torch.Generator().manual_seed(self.seed * 7_000_003 + step)
+        pick = self.synth[torch.randint(0, len(self.synth), (k,), generator=g)]
+        flip = torch.rand(k, generator=g) < 0.5
+        pick[flip] = pick[flip].flip(3)
+        if self.crop < 1.0:
+            pick = torch.stack([self._crop(x, g) for x in pick])
+        return torch.cat([self.aug.batch(n - k, step), pick]) if k < n else pick
+
+    def _crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        t, l, h, w = crop_box(g, x.shape[-1], self.crop)
+        return _resize(x[None, :, t:t + h, l:l + w], x.shape[-1])[0]
 
 
 def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):

@@ -56,7 +56,8 @@ def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: floa
 def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: int, batch: int,
           lr: float, T: float, save_every: float, eval_every: int, log, start_step: int = 0,
           opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=()) -> QuantGraph:
-    """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds."""
+    """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds; every
+    `eval_every` steps log the KD to the teacher on each held-out set of `held_x` {name: images}."""
     params = list(g.weight.values()) + list(g.bias.values())
     opt = torch.optim.Adam(params, lr=lr)
     if opt_state is not None:
@@ -93,9 +94,8 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
             t0 = time.time()
             log(f"step {step}/{steps} loss {loss.item():.4f} lr {cur:.2e} {rate:.2f} img/s")
         if eval_every and step % eval_every == 0:
-            sets = held_x if isinstance(held_x, dict) else {"": held_x}
-            for name, hx in sets.items():
-                log(f"heldout{' ' + name if name else ''} step {step}: {heldout_metrics(g, teacher, hx, T)}")
+            for name, hx in held_x.items():
+                log(f"heldout {name} step {step}: {heldout_metrics(g, teacher, hx, T)}")
         if time.time() - last_save > save_every:
             save()
             last_save = time.time()

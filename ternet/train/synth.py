@@ -16,8 +16,10 @@ teacher's logits to one target class per image. Why: BN statistics alone, like u
 give images on which the teacher predicts a handful of classes (measured: 13 distinct top-1
 classes in 128 BN-only images, and 5 in 128 augmented CIFAR images, 118 of them "window screen"),
 so distillation on them says almost nothing about the other 990 classes. Starting from natural
-images (`init`, e.g. CIFAR upscaled) instead of noise reaches a lower BN loss in fewer steps. Images are returned as uint8 pixels of the model's
-input quantization (for Lite0: pixel = 128 x + 127), i.e. exactly what the integer engine sees.
+images (`init`, e.g. CIFAR upscaled) instead of noise reaches a lower BN loss in fewer steps.
+
+Images are returned as uint8 pixels of the model's input quantization (for Lite0:
+pixel = 128 x + 127), i.e. exactly what the integer engine sees.
 """
 from __future__ import annotations
 
@@ -70,13 +72,14 @@ def synthesize(model: nn.Module, n: int, size: int, *, steps: int, lr: float, sc
         x = scale * (init.float() - zero_point)
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
+    aim = targets is not None and ce != 0
     t0 = time.time()
     for step in range(steps):
         flip = bool(torch.randint(0, 2, (1,), generator=g))
         dy, dx = (int(v) for v in torch.randint(-4, 5, (2,), generator=g))
         xi = torch.roll(x, (dy, dx), (2, 3))
         loss, logits = bn_stat_loss(model, xi.flip(3) if flip else xi, with_output=True)
-        if targets is not None and ce:
+        if aim:
             xent = nn.functional.cross_entropy(logits, targets)
             loss = loss + ce * xent
         opt.zero_grad(set_to_none=True)
@@ -86,7 +89,7 @@ def synthesize(model: nn.Module, n: int, size: int, *, steps: int, lr: float, sc
             x.clamp_(lo, hi)
         if step % 50 == 0 or step == steps - 1:
             msg = f"  step {step}/{steps}: loss {loss.item():.3f}"
-            if targets is not None and ce:
+            if aim:
                 msg += f" (cross-entropy to targets {xent.item():.3f})"
             log(f"{msg} ({time.time() - t0:.0f}s)")
     with torch.no_grad():
