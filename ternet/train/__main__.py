@@ -183,6 +183,7 @@ def cmd_qat(a):
     if ck_path.exists():
         g, ck = load_ckpt(ck_path)
         step, opt_state, history = ck["step"], ck.get("opt"), ck["history"]
+        ramp_layers = ck.get("ramp_layers", [])
         log(f"resuming from {ck_path} at step {step}")
     else:
         g, ck = load_ckpt(a.init)
@@ -193,10 +194,11 @@ def cmd_qat(a):
         for name in filter(None, a.keep_int8.split(",")):
             g.set_wmode(name, "int8")
         changed = [k for k in g.wmode if g.wmode[k] != before[k]]
-        if a.ramp:
-            ramp_layers = prom_layers(g, head=a.weights == "prom")
+        if a.ramp:         # only what this run turns ternary ramps; ternary layers of --init stay
+            ramp_layers = [k for k in changed if g.wmode[k] == "ternary"]
             for name in ramp_layers:
                 g.set_wmode(name, "int8")
+            log(f"ramp over {a.ramp} steps, in this order: {ramp_layers}")
         elif a.correct and changed:
             cal = calib_batches(a.arch, a.correct, 224, a.seed + 1)
             correct_channels(g, teacher, torch.cat(cal), match_std=True, only=changed)
@@ -205,8 +207,6 @@ def cmd_qat(a):
                 calibrate_ranges(g, cal, "mse")
             log(f"changed weight modes of {changed}; per-channel correction done")
         log(f"start QAT: {command()}")
-    if a.ramp:
-        ramp_layers = prom_layers(g, head=a.weights == "prom")
     aug = CifarAug(cifar_u8(), a.size, "train", seed=a.seed)
     data = f"augmented CIFAR-10 train images at {a.size}px"
     if a.synth_frac > 0:
@@ -222,7 +222,8 @@ def cmd_qat(a):
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
           opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers,
-          extra={"history": history, "data": f"{data}, KD from FP32 teacher logits (T={a.T})"})
+          extra={"history": history, "ramp_layers": ramp_layers,
+                 "data": f"{data}, KD from FP32 teacher logits (T={a.T})"})
     log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
 
 
