@@ -9,7 +9,7 @@ from ternet.train.calibrate import calibrate_ranges  # noqa: E402
 from ternet.train.fakequant import QuantGraph  # noqa: E402
 from ternet.train.fold import fold_model  # noqa: E402
 from ternet.train.models import MobileNetV2, input_qparams  # noqa: E402
-from ternet.train.qat import load_ckpt, train  # noqa: E402
+from ternet.train.qat import feature_loss, load_ckpt, train  # noqa: E402
 
 
 class RandomImages:
@@ -53,3 +53,38 @@ def test_ramp_turns_only_its_layers_ternary_in_order_and_survives_a_resume(tmp_p
     assert ck["step"] == 6
     assert all(g3.wmode[n] == "ternary" for n in [already] + ramped)
     assert all(g3.wmode[n] == "int8" for n in left)
+
+
+def test_block_outputs_are_the_tensors_that_leave_a_block():
+    g = small_graph()
+    outs = g.block_outputs()
+    consumers = {n["name"]: [m["name"] for m in g.spec if n["name"] in m["inputs"]] for n in g.spec}
+    block = lambda name: name.rsplit(".", 1)[0]  # noqa: E731
+    assert outs and all(any(block(c) != block(o) for c in consumers[o]) for o in outs)
+    inner = [n["name"] for n in g.spec if n["name"] not in outs and consumers[n["name"]]]
+    assert all(block(c) == block(i) for i in inner for c in consumers[i])
+
+
+def test_taps_leave_the_logits_alone_and_feature_loss_is_relative_error():
+    g = small_graph()
+    g.mode = "fake"
+    x = g.input_real(RandomImages().batch(2, 1))
+    taps = set(g.block_outputs())
+    with torch.no_grad():
+        plain = g(x)
+        logits, feats = g(x, taps=taps)
+    assert torch.equal(plain, logits) and set(feats) == taps
+    assert float(feature_loss(feats, feats)) == 0.0
+    doubled = {k: 2 * v for k, v in feats.items()}       # error = teacher: relative error 1
+    assert float(feature_loss(doubled, feats)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_feature_distillation_trains_and_logs_both_terms(tmp_path):
+    g = small_graph()
+    teacher = copy.deepcopy(g)
+    for n in g.nodes("pointwise"):
+        g.set_wmode(n["name"], "ternary")
+    lines = []
+    train(g, teacher, RandomImages(), {}, tmp_path / "ckpt.pt", steps=10, batch=2, lr=1e-4, T=1.0,
+          save_every=1e9, eval_every=0, log=lines.append, feat=0.5)
+    assert len(lines) == 1 and "(kd " in lines[0] and "features " in lines[0]

@@ -221,9 +221,10 @@ def cmd_qat(a):
         held["synth"] = load_synth(a.held_synth, None)
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
-          opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers,
+          opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers, feat=a.feat,
           extra={"history": history, "ramp_layers": ramp_layers,
-                 "data": f"{data}, KD from FP32 teacher logits (T={a.T})"})
+                 "data": f"{data}, KD from FP32 teacher logits (T={a.T})"
+                         + (f" and block outputs (weight {a.feat:g})" if a.feat else "")})
     log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
 
 
@@ -341,6 +342,8 @@ def main(argv=None):
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--lr", type=float, default=5e-5)
     s.add_argument("--T", type=float, default=2.0)
+    s.add_argument("--feat", type=float, default=0.0,
+                   help="weight of the block-output feature distillation term (0: logits only)")
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
     s.add_argument("--ramp", type=int, default=0, help="steps over which layers turn ternary (0: at once)")

@@ -165,17 +165,28 @@ class QuantGraph(nn.Module):
         """uint8-valued NCHW input -> its real value scale * (q - zp)."""
         return (x_u8.float() - self.input_zp) * self.input_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float/fake: x is the real-valued NCHW input; int: x holds uint8 values (any float dtype)."""
+    def block_outputs(self) -> list[str]:
+        """Nodes whose output leaves their block ('blocks.3.add' -> 'blocks.4.expand'): the
+        feature maps a block-level distillation compares."""
+        block = {n["name"]: n["name"].rsplit(".", 1)[0] for n in self.spec}
+        out = {s for n in self.spec for s in n["inputs"] if s in block and block[s] != block[n["name"]]}
+        return [n["name"] for n in self.spec if n["name"] in out]
+
+    def forward(self, x: torch.Tensor, taps=()):
+        """float/fake: x is the real-valued NCHW input; int: x holds uint8 values (any float dtype).
+        With `taps` (node names; float/fake only) -> (logits, {name: that node's output})."""
         if self.mode == "int":
             return self.forward_int(x)
-        vals = {"input": x}
+        vals, tapped = {"input": x}, {}
         for i, n in enumerate(self.spec):
             vals[n["name"]] = self.node_post(n, self.node_pre(n, vals))
+            if n["name"] in taps:
+                tapped[n["name"]] = vals[n["name"]]
             for s in n["inputs"]:
                 if self._last_use[s] == i:
                     del vals[s]
-        return vals[self.spec[-1]["name"]]
+        out = vals[self.spec[-1]["name"]]
+        return (out, tapped) if taps else out
 
     # -- exact integer emulation
     @torch.no_grad()

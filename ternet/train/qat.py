@@ -2,8 +2,9 @@
 
 The student is a QuantGraph in `fake` mode (ternary / hybrid / int8 weights with STE, uint8
 activations with fixed calibrated ranges); the teacher is the same folded network in `float`
-mode. Loss: KL(teacher || student) on temperature-softened logits (labels are never used).
-Inputs: augmented, upscaled CIFAR-10 train images. Checkpoints are written atomically every
+mode. Loss: KL(teacher || student) on temperature-softened logits (labels are never used),
+optionally plus the relative squared error of every block's output (`feat`). Inputs: augmented,
+upscaled CIFAR-10 train images and/or synthetic images. Checkpoints are written atomically every
 `save_every` seconds to <out>/ckpt.pt; running the same command again resumes from it.
 """
 from __future__ import annotations
@@ -45,6 +46,13 @@ def kd_loss(student, teacher, T: float) -> torch.Tensor:
                     reduction="batchmean", log_target=True) * T * T
 
 
+def feature_loss(student: dict, teacher: dict) -> torch.Tensor:
+    """Mean over the tapped feature maps of the student's squared error relative to the
+    teacher's energy: every image then supervises each block, not only the 1000 logits."""
+    return torch.stack([F.mse_loss(student[k], t) / t.pow(2).mean().clamp_min(1e-12)
+                        for k, t in teacher.items()]).mean()
+
+
 @torch.no_grad()
 def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: float) -> dict:
     g.mode, teacher.mode = "fake", "float"
@@ -55,9 +63,11 @@ def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: floa
 
 def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: int, batch: int,
           lr: float, T: float, save_every: float, eval_every: int, log, start_step: int = 0,
-          opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=()) -> QuantGraph:
+          opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=(),
+          feat: float = 0.0) -> QuantGraph:
     """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds; every
-    `eval_every` steps log the KD to the teacher on each held-out set of `held_x` {name: images}."""
+    `eval_every` steps log the KD to the teacher on each held-out set of `held_x` {name: images}.
+    feat > 0 adds feat x feature_loss on every block output (g.block_outputs())."""
     params = list(g.weight.values()) + list(g.bias.values())
     opt = torch.optim.Adam(params, lr=lr)
     if opt_state is not None:
@@ -66,6 +76,7 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
     for p in teacher.parameters():
         p.requires_grad_(False)
     step, last_save, t0 = start_step, time.time(), time.time()
+    taps = set(g.block_outputs()) if feat else set()
     extra = dict(extra or {})
 
     def save():
@@ -81,10 +92,17 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
         for grp in opt.param_groups:
             grp["lr"] = cur
         x = aug.batch(batch, step)
-        with torch.no_grad():
-            tl = teacher(teacher.input_real(x))
         g.mode = "fake"
-        loss = kd_loss(g(g.input_real(x)), tl, T)
+        if feat:
+            with torch.no_grad():
+                tl, tf = teacher(teacher.input_real(x), taps=taps)
+            sl, sf = g(g.input_real(x), taps=taps)
+            kd, fl = kd_loss(sl, tl, T), feature_loss(sf, tf)
+            loss = kd + feat * fl
+        else:
+            with torch.no_grad():
+                tl = teacher(teacher.input_real(x))
+            loss = kd = kd_loss(g(g.input_real(x)), tl, T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +110,8 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
         if step % 10 == 0:
             rate = 10 * batch / (time.time() - t0)
             t0 = time.time()
-            log(f"step {step}/{steps} loss {loss.item():.4f} lr {cur:.2e} {rate:.2f} img/s")
+            parts = f" (kd {kd.item():.4f}, features {fl.item():.4f})" if feat else ""
+            log(f"step {step}/{steps} loss {loss.item():.4f}{parts} lr {cur:.2e} {rate:.2f} img/s")
         if eval_every and step % eval_every == 0:
             for name, hx in held_x.items():
                 log(f"heldout {name} step {step}: {heldout_metrics(g, teacher, hx, T)}")
