@@ -78,7 +78,7 @@ def test_load_synth_concatenates_files_and_resizes_only_on_request(tmp_path):
     mixed = load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", 16)
     assert mixed.shape == (3, 3, 16, 16) and torch.equal(mixed[2], c[0].float())
     assert torch.equal(mixed, mixed.round()) and mixed.min() >= 0 and mixed.max() <= 255
-    with pytest.raises(SystemExit, match="different image sizes"):
+    with pytest.raises(ValueError, match="different image sizes"):
         load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", None)
 
 
