@@ -183,11 +183,13 @@ def cmd_qat(a):
     if ck_path.exists():
         g, ck = load_ckpt(ck_path)
         step, opt_state, history = ck["step"], ck.get("opt"), ck["history"]
+        data_before = ck.get("data_before", "")
         ramp_layers = ck.get("ramp_layers", [])
         log(f"resuming from {ck_path} at step {step}")
     else:
         g, ck = load_ckpt(a.init)
         history = ck["history"] + [command()]
+        data_before = ck.get("data", "")          # what --init was trained / calibrated on
         step, opt_state = 0, None
         before = dict(g.wmode)
         set_weights(g, a.weights)
@@ -222,9 +224,10 @@ def cmd_qat(a):
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
           opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers, feat=a.feat,
-          extra={"history": history, "ramp_layers": ramp_layers,
+          extra={"history": history, "ramp_layers": ramp_layers, "data_before": data_before,
                  "data": f"{data}, KD from FP32 teacher logits (T={a.T})"
-                         + (f" and block outputs (weight {a.feat:g})" if a.feat else "")})
+                         + (f" and block outputs (weight {a.feat:g})" if a.feat else "")
+                         + (f"; earlier stages: {data_before}" if data_before else "")})
     log(f"done: ternary MAC fraction {ternary_mac_fraction(g):.4f}")
 
 
