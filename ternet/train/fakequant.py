@@ -172,11 +172,14 @@ class QuantGraph(nn.Module):
         out = {s for n in self.spec for s in n["inputs"] if s in block and block[s] != block[n["name"]]}
         return [n["name"] for n in self.spec if n["name"] in out]
 
-    def forward(self, x: torch.Tensor, taps=()):
-        """float/fake: x is the real-valued NCHW input; int: x holds uint8 values (any float dtype).
-        With `taps` (node names; float/fake only) -> (logits, {name: that node's output})."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float/fake: x is the real-valued NCHW input; int: x holds uint8 values (any float dtype)."""
         if self.mode == "int":
             return self.forward_int(x)
+        return self.forward_taps(x, ())[0]
+
+    def forward_taps(self, x: torch.Tensor, taps) -> tuple[torch.Tensor, dict]:
+        """float/fake forward -> (logits, {name: output of that node} for the node names in taps)."""
         vals, tapped = {"input": x}, {}
         for i, n in enumerate(self.spec):
             vals[n["name"]] = self.node_post(n, self.node_pre(n, vals))
@@ -185,8 +188,7 @@ class QuantGraph(nn.Module):
             for s in n["inputs"]:
                 if self._last_use[s] == i:
                     del vals[s]
-        out = vals[self.spec[-1]["name"]]
-        return (out, tapped) if taps else out
+        return vals[self.spec[-1]["name"]], tapped
 
     # -- exact integer emulation
     @torch.no_grad()

@@ -93,16 +93,13 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
             grp["lr"] = cur
         x = aug.batch(batch, step)
         g.mode = "fake"
+        with torch.no_grad():
+            tl, tf = teacher.forward_taps(teacher.input_real(x), taps)
+        sl, sf = g.forward_taps(g.input_real(x), taps)
+        loss = kd = kd_loss(sl, tl, T)
         if feat:
-            with torch.no_grad():
-                tl, tf = teacher(teacher.input_real(x), taps=taps)
-            sl, sf = g(g.input_real(x), taps=taps)
-            kd, fl = kd_loss(sl, tl, T), feature_loss(sf, tf)
+            fl = feature_loss(sf, tf)
             loss = kd + feat * fl
-        else:
-            with torch.no_grad():
-                tl = teacher(teacher.input_real(x))
-            loss = kd = kd_loss(g(g.input_real(x)), tl, T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
