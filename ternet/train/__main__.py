@@ -25,6 +25,7 @@ import torch
 
 from .calibrate import calibrate_ranges, correct_channels
 from .data import CifarAug, MixedAug, cifar_u8, imagenet_labels, load_dev, load_synth, synth_provenance
+from .files import InputFileError, load_pt
 from .evaluate import logits_of, reference_logits, topk
 from .fakequant import QuantGraph
 from .fold import fold_model, node_macs
@@ -109,7 +110,7 @@ def cmd_synth(a):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = logger(out.with_suffix(".log"))
-    done = torch.load(out) if out.exists() else {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
+    done = load_pt(out, "synth file", ("images",)) if out.exists() else {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
                                                    "targets": torch.empty(0, dtype=torch.int64),
                                                    "command": command()}
     if done["images"].shape[-1] != a.size:
@@ -173,6 +174,12 @@ def cmd_ptq(a):
     log(f"saved {a.out}/ckpt.pt; ternary MAC fraction {ternary_mac_fraction(g):.4f}; {time.time() - t0:.0f}s")
 
 
+def init_path(a, ck_path: Path) -> str:
+    if not a.init:
+        raise SystemExit(f"--init CHECKPOINT is needed to start (no {ck_path} to resume from)")
+    return a.init
+
+
 def cmd_qat(a):
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -187,7 +194,7 @@ def cmd_qat(a):
         ramp_layers = ck.get("ramp_layers", [])
         log(f"resuming from {ck_path} at step {step}")
     else:
-        g, ck = load_ckpt(a.init)
+        g, ck = load_ckpt(init_path(a, ck_path))
         history = ck["history"] + [command()]
         data_before = ck.get("data", "")          # what --init was trained / calibrated on
         step, opt_state = 0, None
@@ -244,7 +251,7 @@ def cmd_recon(a):
         start, history, wall, data = ck["recon_done"], ck["history"], ck.get("wall_s", 0.0), ck["data"]
         log(f"resuming from {ck_path} at group {start}")
     else:
-        g, ck = load_ckpt(a.init)
+        g, ck = load_ckpt(init_path(a, ck_path))
         start, history, wall = 0, ck["history"] + [command()], ck.get("wall_s", 0.0)
         data = (ck.get("data", "") + f"; block reconstruction on {desc} at "
                 f"{a.size}px ({a.steps} steps x {a.batch} per block)")
@@ -407,7 +414,11 @@ def main(argv=None):
     s.add_argument("--fp", action="store_true")
     s.set_defaults(fn=cmd_eval)
     a = p.parse_args(argv)
-    a.fn(a)
+    from ternet.errors import ModelFormatError
+    try:
+        a.fn(a)
+    except (InputFileError, ModelFormatError) as e:     # bad input: one line, not a traceback
+        sys.exit(f"{p.prog} {a.cmd}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import InputFileError, load_pt
+
 CIFAR_TAR = "/work/shared/data/cifar10-jpg.tar.gz"
 CIFAR_DIR = "/work/cache/cifar10"
 DEV_DIR = "/work/shared/data/imagenet-sample-dev"
@@ -32,6 +34,9 @@ def cifar_u8(root: str = CIFAR_DIR) -> np.ndarray:
         return np.load(cache)
     from PIL import Image
     if not (Path(root) / "train").is_dir():
+        if not Path(CIFAR_TAR).is_file():
+            raise InputFileError(f"{CIFAR_TAR}: no such file (the CIFAR-10 JPEG archive, unpacked "
+                                 f"once into {root})")
         import tarfile
         with tarfile.open(CIFAR_TAR) as t:
             t.extractall(root)
@@ -107,7 +112,7 @@ def load_synth(path: str, size: int | None) -> torch.Tensor:
     """uint8-valued float images of a synth file (or of comma-separated files, concatenated),
     resized to size x size if needed (size None: as stored)."""
     files = [p for p in path.split(",") if p]
-    syn = [torch.load(p)["images"].float() for p in files]
+    syn = [load_pt(p, "synth file", ("images",))["images"].float() for p in files]
     sizes = {x.shape[-1] for x in syn}
     if size is None and len(sizes) > 1:
         raise ValueError(f"{path}: files of different image sizes {sorted(sizes)}")
@@ -119,7 +124,7 @@ def synth_provenance(path: str) -> str:
     synthesis is deterministic per batch, so the first n images of that command are these)."""
     parts = []
     for p in filter(None, path.split(",")):
-        d = torch.load(p)
+        d = load_pt(p, "synth file", ("images",))
         parts.append(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`")
     return "; ".join(parts)
 
@@ -156,14 +161,21 @@ class MixedAug:
 def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):
     """ImageNet dev images (reporting only) -> (uint8 NCHW-valued float tensor, labels, names)."""
     from ternet.preprocess import preprocess
-    rows = [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
-    cls = {syn: int(i) for i, syn, _ in rows}
+    cls = {syn: int(i) for i, syn, _ in _class_rows()}
     paths = sorted(Path(root).glob("*.JPEG"))
+    if not paths:
+        raise InputFileError(f"{root}: no *.JPEG images (the ImageNet dev sample)")
     xs = np.stack([preprocess(str(p), preprocess_spec, input_spec) for p in paths])
     labels = np.array([cls[p.name.split("_")[0]] for p in paths])
     return torch.from_numpy(xs).permute(0, 3, 1, 2).float(), labels, [p.name for p in paths]
 
 
+def _class_rows() -> list[list[str]]:
+    """(index, synset, name) rows of the 1000 ImageNet classes."""
+    if not Path(CLASSES_TSV).is_file():
+        raise InputFileError(f"{CLASSES_TSV}: no such file (the ImageNet class list)")
+    return [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
+
+
 def imagenet_labels() -> list[str]:
-    rows = [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
-    return [name for _, _, name in rows]
+    return [name for _, _, name in _class_rows()]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .fakequant import QuantGraph
+from .files import load_pt
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -30,7 +31,7 @@ def save_ckpt(path, g: QuantGraph, **extra) -> None:
 
 
 def load_ckpt(path) -> tuple[QuantGraph, dict]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_pt(path, "ternet.train checkpoint", ("desc", "state"), weights_only=False)
     return QuantGraph.from_description(ck["desc"], ck["state"]), ck
 
 
