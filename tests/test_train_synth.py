@@ -101,3 +101,20 @@ def test_mixed_batches_are_deterministic_and_only_crop_when_asked():
     assert all(tuple(x.flatten().tolist()) in views for x in plain.batch(8, 7)[2:])
     crops = torch.cat([cropped.batch(8, s)[2:] for s in range(4)])
     assert not all(tuple(x.flatten().tolist()) in views for x in crops)
+
+
+def test_mixed_views_blend_two_synthetic_images_and_mix_0_changes_nothing():
+    from ternet.train.data import MixedAug
+    synth = torch.randint(1, 256, (5, 3, 8, 8)).float()
+    assert all(torch.equal(MixedAug(ZerosAug(), synth, 0.75, 3, 0.3).batch(8, s),
+                           MixedAug(ZerosAug(), synth, 0.75, 3, 0.3, mix=0.0).batch(8, s)) for s in range(3))
+    two = torch.stack([torch.full((3, 8, 8), 10.0), torch.full((3, 8, 8), 200.0)])
+    aug = MixedAug(ZerosAug(), two, 1.0, seed=1, mix=1.0)
+    views = torch.cat([aug.batch(8, s) for s in range(6)])
+    assert torch.equal(views, torch.cat([aug.batch(8, s) for s in range(6)]))      # deterministic
+    assert torch.equal(views, views.round()) and views.min() >= 10 and views.max() <= 200
+    values = [set(v.unique().tolist()) for v in views]
+    mixup = [v for v in values if len(v) == 1 and v.isdisjoint({10.0, 200.0})]
+    cutmix = [v for v in values if v == {10.0, 200.0}]
+    assert mixup and cutmix                       # both kinds of blend occur
+    assert all(40.0 <= x <= 170.0 for v in mixup for x in v)    # weights 0.3..0.7 of 10 and 200

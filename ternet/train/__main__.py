@@ -221,9 +221,10 @@ def cmd_qat(a):
     if a.synth_frac > 0:
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
-        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed, a.synth_crop)
+        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed, a.synth_crop, a.synth_mix)
         data += (f" with {a.synth_frac:.0%} of each batch synthetic images ({len(aug.synth)} images"
                  + (f", random resized crops of {a.synth_crop:g}-1 of the area" if a.synth_crop < 1 else "")
+                 + (f", {a.synth_mix:.0%} of them blended with another (mixup or CutMix)" if a.synth_mix else "")
                  + f"; {synth_provenance(a.synth)})")
     held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
     if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
@@ -365,6 +366,9 @@ def main(argv=None):
     s.add_argument("--synth-frac", type=float, default=0.0, help="fraction of each batch from --synth")
     s.add_argument("--synth-crop", type=float, default=1.0,
                    help="random resized crops of this..1 of the area for the --synth images (1: none)")
+    s.add_argument("--synth-mix", type=float, default=0.0,
+                   help="fraction of the --synth views blended with another synth image (half mixup, "
+                        "half CutMix; 0: none)")
     s.add_argument("--held-synth", help="synth file of held-out images: KD on them is logged too")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_qat)

@@ -138,10 +138,15 @@ class MixedAug:
     """A CifarAug whose batches have a fraction `frac` of synthetic images (random picks, random
     horizontal flips and, with crop < 1, random resized crops of crop..1 of the area, resized
     back), deterministic given (seed, step) like CifarAug. Each view gets its own teacher
-    logits, so a crop that loses the synthesised class evidence is still a valid KD example."""
+    logits, so a crop that loses the synthesised class evidence is still a valid KD example.
+    With mix > 0 that fraction of the synthetic views is blended with another synthetic image,
+    half by mixup (weight 0.3..0.7), half by pasting a random box of it (CutMix): new inputs
+    from the same few images, each labelled by the teacher itself. mix = 0 draws exactly the
+    batches it drew before the option existed."""
 
-    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int, crop: float = 1.0):
-        self.aug, self.synth, self.frac, self.seed, self.crop = aug, synth, frac, seed, crop
+    def __init__(self, aug, synth: torch.Tensor, frac: float, seed: int, crop: float = 1.0,
+                 mix: float = 0.0):
+        self.aug, self.synth, self.frac, self.seed, self.crop, self.mix = aug, synth, frac, seed, crop, mix
 
     def batch(self, n: int, step: int) -> torch.Tensor:
         k = int(round(n * self.frac))
@@ -151,11 +156,24 @@ class MixedAug:
         pick[flip] = pick[flip].flip(3)
         if self.crop < 1.0:
             pick = torch.stack([self._crop(x, g) for x in pick])
+        if self.mix > 0:
+            pick = torch.stack([self._blend(x, g) if float(torch.rand(1, generator=g)) < self.mix else x
+                                for x in pick])
         return torch.cat([self.aug.batch(n - k, step), pick]) if k < n else pick
 
     def _crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         t, l, h, w = crop_box(g, x.shape[-1], self.crop)
         return _resize(x[None, :, t:t + h, l:l + w], x.shape[-1])[0]
+
+    def _blend(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        other = self.synth[int(torch.randint(0, len(self.synth), (1,), generator=g))]
+        if float(torch.rand(1, generator=g)) < 0.5:
+            lam = float(torch.empty(1).uniform_(0.3, 0.7, generator=g))
+            return (lam * x + (1 - lam) * other).round()
+        t, l, h, w = crop_box(g, x.shape[-1], 0.2)
+        out = x.clone()
+        out[:, t:t + h, l:l + w] = other[:, t:t + h, l:l + w]
+        return out
 
 
 def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):
