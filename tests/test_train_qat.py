@@ -88,3 +88,48 @@ def test_feature_distillation_trains_and_logs_both_terms(tmp_path):
     train(g, teacher, RandomImages(), {}, tmp_path / "ckpt.pt", steps=10, batch=2, lr=1e-4, T=1.0,
           save_every=1e9, eval_every=0, log=lines.append, feat=0.5)
     assert len(lines) == 1 and "(kd " in lines[0] and "features " in lines[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(RandomImages):
+    """RandomImages that stops the run when batch `at` is asked for (a session cut)."""
+    def __init__(self, at):
+        self.at = at
+
+    def batch(self, n, step):
+        if step == self.at:
+            raise Interrupted
+        return super().batch(n, step)
+
+
+def test_relative_lr_scales_each_tensor_and_resumes_exactly(tmp_path):
+    g = small_graph()
+    teacher = copy.deepcopy(g)
+    for n in g.nodes("pointwise"):
+        g.set_wmode(n["name"], "ternary")
+    start = copy.deepcopy(g)
+
+    def fit(graph, path, aug=RandomImages(), start_step=0, opt_state=None):
+        return train(graph, teacher, aug, {}, path, steps=4, batch=2, lr=1e-3, T=1.0,
+                     save_every=0, eval_every=0, log=lambda s: None, start_step=start_step,
+                     opt_state=opt_state, lr_rel=True)
+
+    straight = fit(copy.deepcopy(start), tmp_path / "a.pt")
+    with pytest.raises(Interrupted):
+        fit(copy.deepcopy(start), tmp_path / "b.pt", aug=StopAt(2))
+    g2, ck = load_ckpt(tmp_path / "b.pt")
+    assert ck["step"] == 2
+    tensors = list(start.weight.values()) + list(start.bias.values())
+    bases = [grp["base"] for grp in ck["opt"]["param_groups"]]
+    sizes = [float(t.abs().mean()) for t in tensors]
+    typical = sum(sizes) / sum(x > 0 for x in sizes)     # all-zero tensors (here: biases) get this
+    assert 0.0 in sizes
+    assert bases == pytest.approx([1e-3 * (x or typical) for x in sizes], rel=1e-6)
+
+    resumed = fit(g2, tmp_path / "b.pt", start_step=2, opt_state=ck["opt"])
+    assert all(torch.equal(straight.weight[k], resumed.weight[k]) for k in straight.weight)
+    assert all(torch.equal(straight.bias[k], resumed.bias[k]) for k in straight.bias)
+    assert not all(torch.equal(start.weight[k], resumed.weight[k]) for k in start.weight)

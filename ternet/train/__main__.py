@@ -231,7 +231,7 @@ def cmd_qat(a):
         held["synth"] = load_synth(a.held_synth, None)
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
-          opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers, feat=a.feat,
+          opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers, feat=a.feat, lr_rel=a.lr_rel,
           extra={"history": history, "ramp_layers": ramp_layers, "data_before": data_before,
                  "data": f"{data}, KD from FP32 teacher logits (T={a.T})"
                          + (f" and block outputs (weight {a.feat:g})" if a.feat else "")
@@ -352,6 +352,8 @@ def main(argv=None):
     s.add_argument("--size", type=int, default=160)
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--lr", type=float, default=5e-5)
+    s.add_argument("--lr-rel", action="store_true",
+                   help="--lr is relative to each weight / bias tensor's mean |value| at the start")
     s.add_argument("--T", type=float, default=2.0)
     s.add_argument("--feat", type=float, default=0.0,
                    help="weight of the block-output feature distillation term (0: logits only)")

@@ -65,14 +65,25 @@ def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: floa
 def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: int, batch: int,
           lr: float, T: float, save_every: float, eval_every: int, log, start_step: int = 0,
           opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=(),
-          feat: float = 0.0) -> QuantGraph:
+          feat: float = 0.0, lr_rel: bool = False) -> QuantGraph:
     """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds; every
     `eval_every` steps log the KD to the teacher on each held-out set of `held_x` {name: images}.
-    feat > 0 adds feat x feature_loss on every block output (g.block_outputs())."""
+    feat > 0 adds feat x feature_loss on every block output (g.block_outputs()).
+    lr_rel: `lr` is relative to each tensor's mean |value| at the start of the run, so every
+    tensor moves by about the same fraction per step (folded weights span 0.01-0.9 and biases
+    up to ~15: one absolute Adam rate churns the small expand weights and freezes the rest)."""
     params = list(g.weight.values()) + list(g.bias.values())
-    opt = torch.optim.Adam(params, lr=lr)
+    if lr_rel:
+        sizes = [float(p.detach().abs().mean()) for p in params]
+        typical = sum(sizes) / max(1, sum(x > 0 for x in sizes))    # for an all-zero tensor
+        groups = [{"params": [p], "base": lr * (x if x > 0 else typical)} for p, x in zip(params, sizes)]
+    else:
+        groups = [{"params": params, "base": lr}]
+    opt = torch.optim.Adam(groups, lr=lr)
     if opt_state is not None:
-        opt.load_state_dict(opt_state)
+        opt.load_state_dict(opt_state)     # restores each group's "base" too: resume is exact
+        for grp in opt.param_groups:
+            grp.setdefault("base", lr)         # checkpoints from before lr_rel existed
     teacher.mode = "float"
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -91,7 +102,7 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
                     g.set_wmode(name, "ternary")
         cur = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         for grp in opt.param_groups:
-            grp["lr"] = cur
+            grp["lr"] = grp["base"] * cur / lr
         x = aug.batch(batch, step)
         g.mode = "fake"
         with torch.no_grad():
