@@ -110,9 +110,11 @@ def cmd_synth(a):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = logger(out.with_suffix(".log"))
-    done = load_pt(out, "synth file", ("images",)) if out.exists() else {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
-                                                   "targets": torch.empty(0, dtype=torch.int64),
-                                                   "command": command()}
+    if out.exists():                                  # resume: append to the images made so far
+        done = load_pt(out, "synth file", ("images",))
+    else:
+        done = {"images": torch.empty(0, 3, a.size, a.size, dtype=torch.uint8),
+                "targets": torch.empty(0, dtype=torch.int64), "command": command()}
     if done["images"].shape[-1] != a.size:
         raise SystemExit(f"{out}: holds {done['images'].shape[-1]}px images, not {a.size}px")
     model = build(a.arch)

@@ -115,7 +115,7 @@ def load_synth(path: str, size: int | None) -> torch.Tensor:
     syn = [load_pt(p, "synth file", ("images",))["images"].float() for p in files]
     sizes = {x.shape[-1] for x in syn}
     if size is None and len(sizes) > 1:
-        raise ValueError(f"{path}: files of different image sizes {sorted(sizes)}")
+        raise InputFileError(f"{path}: files of different image sizes {sorted(sizes)}")
     return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
 
 
