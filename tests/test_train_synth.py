@@ -69,12 +69,15 @@ def test_init_images_are_the_starting_point():
 
 
 def test_load_synth_concatenates_files_and_resizes_only_on_request(tmp_path):
-    from ternet.train.data import load_synth
+    from ternet.train.data import load_synth, load_synth_described
     a, b, c = (torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8) for n, s in ((2, 8), (3, 8), (1, 16)))
     for name, x in zip("abc", (a, b, c)):
-        torch.save({"images": x}, tmp_path / f"{name}.pt")
+        torch.save({"images": x, "command": f"make {name}"}, tmp_path / f"{name}.pt")
     ab = load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", None)
     assert torch.equal(ab, torch.cat([a, b]).float())
+    ab2, described = load_synth_described(f"{tmp_path / 'a.pt'},{tmp_path / 'b.pt'}", None)
+    assert torch.equal(ab2, ab)
+    assert described == f"{tmp_path / 'a.pt'}: the first 2 images of `make a`; {tmp_path / 'b.pt'}: the first 3 images of `make b`"
     mixed = load_synth(f"{tmp_path / 'a.pt'},{tmp_path / 'c.pt'}", 16)
     assert mixed.shape == (3, 3, 16, 16) and torch.equal(mixed[2], c[0].float())
     assert torch.equal(mixed, mixed.round()) and mixed.min() >= 0 and mixed.max() <= 255

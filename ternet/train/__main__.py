@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
+from ternet.errors import ModelFormatError
+
 from .calibrate import calibrate_ranges, correct_channels
-from .data import CifarAug, MixedAug, cifar_u8, imagenet_labels, load_dev, load_synth, synth_provenance
+from .data import (CifarAug, MixedAug, cifar_u8, imagenet_labels, load_dev, load_synth,
+                   load_synth_described)
 from .files import InputFileError, load_pt
 from .evaluate import logits_of, reference_logits, topk
 from .fakequant import QuantGraph
@@ -223,11 +226,12 @@ def cmd_qat(a):
     if a.synth_frac > 0:
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
-        aug = MixedAug(aug, load_synth(a.synth, a.size), a.synth_frac, a.seed, a.synth_crop, a.synth_mix)
-        data += (f" with {a.synth_frac:.0%} of each batch synthetic images ({len(aug.synth)} images"
+        synth, described = load_synth_described(a.synth, a.size)
+        aug = MixedAug(aug, synth, a.synth_frac, a.seed, a.synth_crop, a.synth_mix)
+        data += (f" with {a.synth_frac:.0%} of each batch synthetic images ({len(synth)} images"
                  + (f", random resized crops of {a.synth_crop:g}-1 of the area" if a.synth_crop < 1 else "")
                  + (f", {a.synth_mix:.0%} of them blended with another (mixup or CutMix)" if a.synth_mix else "")
-                 + f"; {synth_provenance(a.synth)})")
+                 + f"; {described})")
     held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
     if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
         held["synth"] = load_synth(a.held_synth, None)
@@ -422,7 +426,6 @@ def main(argv=None):
     s.add_argument("--fp", action="store_true")
     s.set_defaults(fn=cmd_eval)
     a = p.parse_args(argv)
-    from ternet.errors import ModelFormatError
     try:
         a.fn(a)
     except (InputFileError, ModelFormatError) as e:     # bad input: one line, not a traceback

@@ -111,22 +111,22 @@ class CifarAug:
 def load_synth(path: str, size: int | None) -> torch.Tensor:
     """uint8-valued float images of a synth file (or of comma-separated files, concatenated),
     resized to size x size if needed (size None: as stored)."""
-    files = [p for p in path.split(",") if p]
-    syn = [load_pt(p, "synth file", ("images",))["images"].float() for p in files]
+    return load_synth_described(path, size)[0]
+
+
+def load_synth_described(path: str, size: int | None) -> tuple[torch.Tensor, str]:
+    """load_synth's images, and where they came from: each file's count and creating command
+    (synthesis is deterministic per batch, so the first n images of that command are these).
+    Each file is read once."""
+    files = [(p, load_pt(p, "synth file", ("images",))) for p in path.split(",") if p]
+    syn = [d["images"].float() for _, d in files]
     sizes = {x.shape[-1] for x in syn}
     if size is None and len(sizes) > 1:
         raise InputFileError(f"{path}: files of different image sizes {sorted(sizes)}")
-    return torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
-
-
-def synth_provenance(path: str) -> str:
-    """Where the images of synth file(s) came from: each file's count and creating command (the
-    synthesis is deterministic per batch, so the first n images of that command are these)."""
-    parts = []
-    for p in filter(None, path.split(",")):
-        d = load_pt(p, "synth file", ("images",))
-        parts.append(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`")
-    return "; ".join(parts)
+    images = torch.cat([x if size is None or x.shape[-1] == size else _resize(x, size) for x in syn])
+    described = "; ".join(f"{p}: the first {len(d['images'])} images of `{d.get('command', '?')}`"
+                          for p, d in files)
+    return images, described
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

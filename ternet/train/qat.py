@@ -78,12 +78,10 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
         typical = sum(sizes) / max(1, sum(x > 0 for x in sizes))    # for an all-zero tensor
         groups = [{"params": [p], "base": lr * (x if x > 0 else typical)} for p, x in zip(params, sizes)]
     else:
-        groups = [{"params": params, "base": lr}]
+        groups = [{"params": params}]
     opt = torch.optim.Adam(groups, lr=lr)
     if opt_state is not None:
         opt.load_state_dict(opt_state)     # restores each group's "base" too: resume is exact
-        for grp in opt.param_groups:
-            grp.setdefault("base", lr)         # checkpoints from before lr_rel existed
     teacher.mode = "float"
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -101,8 +99,8 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
                 if g.wmode[name] != "ternary":
                     g.set_wmode(name, "ternary")
         cur = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for grp in opt.param_groups:
-            grp["lr"] = grp["base"] * cur / lr
+        for grp in opt.param_groups:           # lr_rel: each tensor's own rate, same schedule
+            grp["lr"] = grp["base"] * cur / lr if lr_rel else cur
         x = aug.batch(batch, step)
         g.mode = "fake"
         with torch.no_grad():
