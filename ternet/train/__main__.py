@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import sys
 import time
@@ -83,9 +84,24 @@ def set_weights(g: QuantGraph, spec: str) -> None:
         g.set_wmode(name, "ternary")
 
 
-def calib_batches(arch, n, size, seed, split="train", bs=32):
-    aug = CifarAug(cifar_u8(), size, split, seed=seed)
+PROXY_HELD = ("nette", "woof")            # held-out labelled photos of the proxy set (val split)
+
+
+def calib_batches(arch, n, size, seed, split="train", bs=32, proxy=None):
+    """n calibration images in batches of bs: augmented ImageNet-proxy photos when `proxy` (its
+    directory) is given (split 'heldout' -> its nette/woof/tiny val photos), else CIFAR-10."""
+    if proxy:
+        from .proxy import ProxyAug
+        aug = (ProxyAug(proxy, size, seed) if split == "train" else
+               ProxyAug(proxy, size, seed, sources=PROXY_HELD + ("tiny",), split="val"))
+    else:
+        aug = CifarAug(cifar_u8(), size, split, seed=seed)
     return [aug.batch(bs, i) for i in range(max(1, n // bs))]
+
+
+def calib_description(a, n: int, size: int) -> str:
+    return (f"{n} augmented ImageNet-proxy train photos ({a.proxy})" if a.proxy else
+            f"{n} augmented CIFAR-10 train images") + f" at {size}px"
 
 
 def data_images(spec: str, arch: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -149,14 +165,14 @@ def cmd_ptq(a):
     log = logger(Path(a.out) / "log.txt")
     t0 = time.time()
     g, ref = teacher_graph(a.arch), teacher_graph(a.arch)
-    cal = calib_batches(a.arch, a.calib, a.size, a.seed)
+    cal = calib_batches(a.arch, a.calib, a.size, a.seed, proxy=a.proxy)
     calibrate_ranges(g, cal, a.method)
-    log(f"ranges calibrated ({a.method}, {a.calib} CIFAR images at {a.size}) in {time.time() - t0:.0f}s")
+    log(f"ranges calibrated ({a.method}, {calib_description(a, a.calib, a.size)}) in {time.time() - t0:.0f}s")
     if a.gptq:
         from .gptq import gptq_ternarize
         keep = set(filter(None, a.keep_int8.split(",")))
         names = [n for n in prom_layers(g, head=a.weights == "prom") if n not in keep]
-        x = torch.cat(calib_batches(a.arch, a.gptq, a.size, a.seed + 1))
+        x = torch.cat(calib_batches(a.arch, a.gptq, a.size, a.seed + 1, proxy=a.proxy))
         gptq_ternarize(g, ref, x, names, damp=a.damp, keep_filters=a.keep_filters, log=log)
         del x
         g.mode = "calib"
@@ -175,8 +191,15 @@ def cmd_ptq(a):
         log(f"per-channel correction on {len(x)} images + recalibration done at {time.time() - t0:.0f}s")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     save_ckpt(Path(a.out) / "ckpt.pt", g, history=[command()], wall_s=time.time() - t0,
-              data=f"{a.calib} augmented CIFAR-10 train images at {a.size}px (calibration)")
+              data=f"{calib_description(a, a.calib, a.size)} (calibration)")
     log(f"saved {a.out}/ckpt.pt; ternary MAC fraction {ternary_mac_fraction(g):.4f}; {time.time() - t0:.0f}s")
+
+
+def ramp_order(layers: list[str], last: str) -> list[str]:
+    """The ramp's order: layers not named in `last` first, latest in the graph first (late
+    layers are the least sensitive), then those named in `last`, in the order given."""
+    named = [n for n in filter(None, last.split(",")) if n in layers]
+    return [n for n in reversed(layers) if n not in named] + named
 
 
 def init_path(a, ck_path: Path) -> str:
@@ -190,6 +213,8 @@ def cmd_qat(a):
     out = Path(a.out)
     log = logger(out / "log.txt")
     ck_path = out / "ckpt.pt"
+    if not ck_path.exists():
+        init_path(a, ck_path)                     # say what is missing before loading anything
     teacher = teacher_graph(a.arch)
     ramp_layers = []
     if ck_path.exists():
@@ -209,20 +234,28 @@ def cmd_qat(a):
             g.set_wmode(name, "int8")
         changed = [k for k in g.wmode if g.wmode[k] != before[k]]
         if a.ramp:         # only what this run turns ternary ramps; ternary layers of --init stay
-            ramp_layers = [k for k in changed if g.wmode[k] == "ternary"]
+            ramp_layers = ramp_order([k for k in changed if g.wmode[k] == "ternary"], a.ramp_last)
             for name in ramp_layers:
                 g.set_wmode(name, "int8")
             log(f"ramp over {a.ramp} steps, in this order: {ramp_layers}")
         elif a.correct and changed:
-            cal = calib_batches(a.arch, a.correct, 224, a.seed + 1)
+            cal = calib_batches(a.arch, a.correct, 224, a.seed + 1, proxy=a.proxy)
             correct_channels(g, teacher, torch.cat(cal), match_std=True, only=changed)
             if len(changed) == len(prom_layers(g)):      # fresh ternarization: new ranges too
                 g.mode = "calib"
                 calibrate_ranges(g, cal, "mse")
             log(f"changed weight modes of {changed}; per-channel correction done")
         log(f"start QAT: {command()}")
-    aug = CifarAug(cifar_u8(), a.size, "train", seed=a.seed)
-    data = f"augmented CIFAR-10 train images at {a.size}px"
+    if a.data == "proxy":
+        from .proxy import ProxyAug, heldout
+        if not a.proxy:
+            raise SystemExit("--data proxy needs --proxy DIR (or TERNET_PROXY_DIR): the ImageNet-proxy "
+                             "set built by ../shared/data/imagenet-proxy/build.py")
+        aug = ProxyAug(a.proxy, a.size, a.seed, min_area=a.min_area, mix=a.mix)
+        data = aug.describe()
+    else:
+        aug = CifarAug(cifar_u8(), a.size, "train", seed=a.seed)
+        data = f"augmented CIFAR-10 train images at {a.size}px"
     if a.synth_frac > 0:
         if not a.synth:
             raise SystemExit("--synth-frac needs --synth PATH")
@@ -232,12 +265,18 @@ def cmd_qat(a):
                  + (f", random resized crops of {a.synth_crop:g}-1 of the area" if a.synth_crop < 1 else "")
                  + (f", {a.synth_mix:.0%} of them blended with another (mixup or CutMix)" if a.synth_mix else "")
                  + f"; {described})")
-    held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
+    if a.data == "proxy":
+        x, y, _ = heldout(a.proxy, PROXY_HELD, a.eval_n, preprocess_of(a.arch),
+                          {"scale": g.input_scale, "zero_point": g.input_zp, "height": 224, "width": 224})
+        held = {"nette+woof val": (x, y)}
+    else:
+        held = {"cifar": CifarAug(cifar_u8(), 224, "heldout", seed=999).batch(a.eval_n, 0)}
     if a.held_synth:          # at their own size: upscaling undoes what synthesis optimised
         held["synth"] = load_synth(a.held_synth, None)
     train(g, teacher, aug, held, ck_path, steps=a.steps, batch=a.batch, lr=a.lr, T=a.T,
           save_every=a.save_every, eval_every=a.eval_every, log=log, start_step=step,
           opt_state=opt_state, ramp=a.ramp, ramp_layers=ramp_layers, feat=a.feat, lr_rel=a.lr_rel,
+          channels_last=a.channels_last,
           extra={"history": history, "ramp_layers": ramp_layers, "data_before": data_before,
                  "data": f"{data}, KD from FP32 teacher logits (T={a.T})"
                          + (f" and block outputs (weight {a.feat:g})" if a.feat else "")
@@ -334,6 +373,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--proxy", default=os.environ.get("TERNET_PROXY_DIR"),
+                   help="ImageNet-proxy set directory (with index.csv; default $TERNET_PROXY_DIR): "
+                        "training, calibration and held-out photos; without it CIFAR-10 is used")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ptq")
     s.add_argument("--out", required=True)
@@ -366,10 +408,20 @@ def main(argv=None):
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--keep-int8", default="", help="comma-separated pointwise layers kept int8 (hybrid)")
     s.add_argument("--ramp", type=int, default=0, help="steps over which layers turn ternary (0: at once)")
+    s.add_argument("--ramp-last", default="",
+                   help="comma-separated layers ramped last, in this order (the most sensitive last)")
+    s.add_argument("--channels-last", action="store_true",
+                   help="NHWC activations in training (faster on CPUs with oneDNN)")
+    s.add_argument("--data", choices=("proxy", "cifar"), default="proxy",
+                   help="training images: ImageNet-proxy photos (--proxy) or upscaled CIFAR-10")
+    s.add_argument("--min-area", type=float, default=0.25, help="proxy: random resized crops of this..1")
+    s.add_argument("--mix", type=float, default=0.0,
+                   help="proxy: fraction of views blended with another (half mixup, half CutMix)")
     s.add_argument("--correct", type=int, default=128)
     s.add_argument("--save-every", type=float, default=300.0)
     s.add_argument("--eval-every", type=int, default=250)
-    s.add_argument("--eval-n", type=int, default=128)
+    s.add_argument("--eval-n", type=int, default=128,
+                   help="held-out images (proxy: nette+woof val, labelled; cifar: held-out CIFAR)")
     s.add_argument("--synth", help="synth file(s), comma-separated (see synth), for --synth-frac")
     s.add_argument("--synth-frac", type=float, default=0.0, help="fraction of each batch from --synth")
     s.add_argument("--synth-crop", type=float, default=1.0,

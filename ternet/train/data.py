@@ -55,14 +55,20 @@ def split_indices(n: int, split: str) -> np.ndarray:
 
 
 def crop_box(g: torch.Generator, s: int, min_area: float) -> tuple[int, int, int, int]:
-    """A random resized crop's box (top, left, height, width) in an s x s image: min_area..1 of
-    the area, aspect ratio 3/4..4/3 (log-uniform), drawn from g in a fixed order."""
+    """A random resized crop's box (top, left, height, width) in an s x s image."""
+    return crop_box_wh(g, s, s, min_area)
+
+
+def crop_box_wh(g: torch.Generator, height: int, width: int, min_area: float) -> tuple[int, int, int, int]:
+    """A random resized crop's box (top, left, height, width) in a height x width image:
+    min_area..1 of the area, aspect ratio 3/4..4/3 (log-uniform), drawn from g in a fixed
+    order (for a square image the same numbers as the square-only formula it replaced)."""
     area = float(torch.empty(1).uniform_(min_area, 1.0, generator=g))
     logr = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g))
-    w = max(1, int(round(min(s, s * np.sqrt(area * np.exp(logr))))))
-    h = max(1, int(round(min(s, s * np.sqrt(area / np.exp(logr))))))
-    t = int(torch.randint(0, s - h + 1, (1,), generator=g))
-    l = int(torch.randint(0, s - w + 1, (1,), generator=g))  # noqa: E741
+    w = max(1, int(round(min(width, width * np.sqrt(area * np.exp(logr) * (height / width))))))
+    h = max(1, int(round(min(height, height * np.sqrt(area / np.exp(logr) * (width / height))))))
+    t = int(torch.randint(0, height - h + 1, (1,), generator=g))
+    l = int(torch.randint(0, width - w + 1, (1,), generator=g))  # noqa: E741
     return t, l, h, w
 
 

@@ -55,23 +55,32 @@ def feature_loss(student: dict, teacher: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x: torch.Tensor, T: float) -> dict:
+def heldout_metrics(g: QuantGraph, teacher: QuantGraph, x, T: float) -> dict:
+    """KD and top-1 agreement with the teacher on held-out images x, or on (images, labels):
+    then also 1000-way top-1 of the student against the labels."""
+    x, y = x if isinstance(x, tuple) else (x, None)
     g.mode, teacher.mode = "fake", "float"
     s = torch.cat([g(g.input_real(b)) for b in x.split(32)])
     t = torch.cat([teacher(teacher.input_real(b)) for b in x.split(32)])
-    return {"kd": float(kd_loss(s, t, T)), "agree_top1": float((s.argmax(1) == t.argmax(1)).float().mean())}
+    out = {"kd": float(kd_loss(s, t, T)), "agree_top1": float((s.argmax(1) == t.argmax(1)).float().mean())}
+    if y is not None:
+        out["top1"] = float((s.argmax(1) == y).float().mean())
+        out["teacher_top1"] = float((t.argmax(1) == y).float().mean())
+    return out
 
 
 def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: int, batch: int,
           lr: float, T: float, save_every: float, eval_every: int, log, start_step: int = 0,
           opt_state=None, extra: dict | None = None, ramp: int = 0, ramp_layers=(),
-          feat: float = 0.0, lr_rel: bool = False) -> QuantGraph:
+          feat: float = 0.0, lr_rel: bool = False, channels_last: bool = False) -> QuantGraph:
     """Run (or resume) QAT until `steps`; checkpoint every `save_every` seconds; every
     `eval_every` steps log the KD to the teacher on each held-out set of `held_x` {name: images}.
     feat > 0 adds feat x feature_loss on every block output (g.block_outputs()).
     lr_rel: `lr` is relative to each tensor's mean |value| at the start of the run, so every
     tensor moves by about the same fraction per step (folded weights span 0.01-0.9 and biases
-    up to ~15: one absolute Adam rate churns the small expand weights and freezes the rest)."""
+    up to ~15: one absolute Adam rate churns the small expand weights and freezes the rest).
+    channels_last: NHWC activations (oneDNN's faster CPU convolutions; float sums in another
+    order, so a run is reproducible only with the same setting)."""
     params = list(g.weight.values()) + list(g.bias.values())
     if lr_rel:
         sizes = [float(p.detach().abs().mean()) for p in params]
@@ -102,6 +111,8 @@ def train(g: QuantGraph, teacher: QuantGraph, aug, held_x, ckpt_path, *, steps: 
         for grp in opt.param_groups:           # lr_rel: each tensor's own rate, same schedule
             grp["lr"] = grp["base"] * cur / lr if lr_rel else cur
         x = aug.batch(batch, step)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         g.mode = "fake"
         with torch.no_grad():
             tl, tf = teacher.forward_taps(teacher.input_real(x), taps)
