@@ -28,7 +28,7 @@ from ternet.errors import ModelFormatError
 
 from .calibrate import calibrate_ranges, correct_channels
 from .data import (CifarAug, MixedAug, cifar_u8, imagenet_labels, load_dev, load_synth,
-                   load_synth_described)
+                   load_synth_described, set_locations)
 from .files import InputFileError, load_pt
 from .evaluate import logits_of, reference_logits, topk
 from .fakequant import QuantGraph
@@ -373,6 +373,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shared", help="the project's shared folder (CIFAR archive, dev images, class "
+                   "list; default $TERNET_SHARED_DIR or ../shared beside the checkout)")
+    p.add_argument("--cache", help="cache for unpacked data (default $TERNET_TRAIN_CACHE or "
+                   "~/.cache/ternet/train)")
     p.add_argument("--proxy", default=os.environ.get("TERNET_PROXY_DIR"),
                    help="ImageNet-proxy set directory (with index.csv; default $TERNET_PROXY_DIR): "
                         "training, calibration and held-out photos; without it CIFAR-10 is used")
@@ -478,6 +482,7 @@ def main(argv=None):
     s.add_argument("--fp", action="store_true")
     s.set_defaults(fn=cmd_eval)
     a = p.parse_args(argv)
+    set_locations(a.shared, a.cache)
     try:
         a.fn(a)
     except (InputFileError, ModelFormatError) as e:     # bad input: one line, not a traceback

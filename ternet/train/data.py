@@ -21,24 +21,38 @@ import torch.nn.functional as F
 
 from .files import InputFileError, load_pt
 
-CIFAR_TAR = "/work/shared/data/cifar10-jpg.tar.gz"
-CIFAR_DIR = "/work/cache/cifar10"
-DEV_DIR = "/work/shared/data/imagenet-sample-dev"
-CLASSES_TSV = "/work/shared/data/imagenet_classes.tsv"
+# Data locations are settings: the project's shared folder (../shared beside the checkout by
+# default; --shared or TERNET_SHARED_DIR) and a cache for unpacked data (--cache or
+# TERNET_TRAIN_CACHE, default the user cache dir). Nothing of a particular machine is hard-coded.
+_SHARED = os.environ.get("TERNET_SHARED_DIR") or str(Path(__file__).resolve().parents[3] / "shared")
+_CACHE = os.environ.get("TERNET_TRAIN_CACHE") or str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ternet" / "train")
 
 
-def cifar_u8(root: str = CIFAR_DIR) -> np.ndarray:
+def set_locations(shared: str | None = None, cache: str | None = None) -> None:
+    """Where the shared data (CIFAR archive, dev images, class list) and the data cache are."""
+    global _SHARED, _CACHE
+    _SHARED, _CACHE = shared or _SHARED, cache or _CACHE
+
+
+def shared_path(*parts: str) -> Path:
+    return Path(_SHARED, "data", *parts)
+
+
+def cifar_u8(root: str | None = None) -> np.ndarray:
     """All CIFAR-10 train images as uint8 [50000, 32, 32, 3] in a fixed (sorted path) order."""
+    root = root or str(Path(_CACHE) / "cifar10")
     cache = Path(root) / "train_u8.npy"
     if cache.exists():
         return np.load(cache)
     from PIL import Image
     if not (Path(root) / "train").is_dir():
-        if not Path(CIFAR_TAR).is_file():
-            raise InputFileError(f"{CIFAR_TAR}: no such file (the CIFAR-10 JPEG archive, unpacked "
-                                 f"once into {root})")
+        tar = shared_path("cifar10-jpg.tar.gz")
+        if not tar.is_file():
+            raise InputFileError(f"{tar}: no such file (the CIFAR-10 JPEG archive, unpacked "
+                                 f"once into {root}; set --shared)")
         import tarfile
-        with tarfile.open(CIFAR_TAR) as t:
+        with tarfile.open(tar) as t:
             t.extractall(root)
     paths = sorted((Path(root) / "train").glob("*/*.jpg"))
     arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
@@ -182,9 +196,10 @@ class MixedAug:
         return out
 
 
-def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):
+def load_dev(preprocess_spec: dict, input_spec: dict, root: str | None = None):
     """ImageNet dev images (reporting only) -> (uint8 NCHW-valued float tensor, labels, names)."""
     from ternet.preprocess import preprocess
+    root = root or str(shared_path("imagenet-sample-dev"))
     cls = {syn: int(i) for i, syn, _ in _class_rows()}
     paths = sorted(Path(root).glob("*.JPEG"))
     if not paths:
@@ -196,9 +211,10 @@ def load_dev(preprocess_spec: dict, input_spec: dict, root: str = DEV_DIR):
 
 def _class_rows() -> list[list[str]]:
     """(index, synset, name) rows of the 1000 ImageNet classes."""
-    if not Path(CLASSES_TSV).is_file():
-        raise InputFileError(f"{CLASSES_TSV}: no such file (the ImageNet class list)")
-    return [r.split("\t") for r in Path(CLASSES_TSV).read_text().splitlines()[1:]]
+    tsv = shared_path("imagenet_classes.tsv")
+    if not tsv.is_file():
+        raise InputFileError(f"{tsv}: no such file (the ImageNet class list; set --shared)")
+    return [r.split("\t") for r in tsv.read_text().splitlines()[1:]]
 
 
 def imagenet_labels() -> list[str]:
