@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from .text import printable
+
 
 def _median_ms(fn, rounds: int) -> tuple[float, float]:
     ts = []
@@ -43,11 +45,14 @@ def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
             args = (v, batch, logits) if op == "linear" else (v, batch)
             us = _median_ms(lambda: layer.run(*args), max(5, rounds // 2))[0] * 1e3
             layers.append((name, op, us))
-    return dict(batch=batch, threads=model.threads, kernels=model.kernels, compile_s=compile_s,
-                median_ms=med, min_ms=best, layers=layers, loadavg=os.getloadavg()[0])
+    return dict(batch=batch, threads=model.thread_count, kernels=model.kernels,
+                compile_s=compile_s, median_ms=med, min_ms=best, layers=layers,
+                loadavg=os.getloadavg()[0])
 
 
 def format_report(r: dict, per_layer: bool = True) -> str:
+    """Human-readable report of `bench_model`'s dict: a summary line, time per op, and a
+    per-layer table whose columns fit the longest layer name (fused names like 'a+b' are long)."""
     lines = [f"kernels={r['kernels']} batch={r['batch']} threads={r['threads']}: "
              f"median {r['median_ms']:.3f} ms, min {r['min_ms']:.3f} ms "
              f"(first call incl. compile/cache load {r['compile_s']:.2f} s, loadavg {r['loadavg']:.2f})"]
@@ -58,6 +63,13 @@ def format_report(r: dict, per_layer: bool = True) -> str:
             by_op[op] = by_op.get(op, 0.0) + us
         lines.append("per op: " + ", ".join(f"{op} {us / 1e3:.3f} ms ({100 * us / total:.0f}%)"
                                             for op, us in sorted(by_op.items(), key=lambda t: -t[1])))
-        lines.append(f"{'layer':<28}{'op':<18}{'us':>10}")
-        lines += [f"{name:<28}{op:<18}{us:>10.1f}" for name, op, us in r["layers"]]
+        lines += _layer_table(r["layers"])
     return "\n".join(lines)
+
+
+def _layer_table(layers) -> list[str]:
+    """`layer  op  us` rows, names escaped (they come from the model file), columns aligned."""
+    rows = [(printable(name), printable(op), f"{us:.1f}") for name, op, us in layers]
+    header = ("layer", "op", "us")
+    w = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    return [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}" for a, b, c in [header, *rows]]

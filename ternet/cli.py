@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from .text import printable
+
 # Mirrors ternet.model.KERNEL_CHOICES (not imported: --help must stay cheap).
 KERNELS = ("auto", "vnni", "avx2", "addonly", "plain", "reference")
 PROGRESS_MIN = 8            # show a progress counter from this many images (TTY only)
@@ -33,7 +35,7 @@ def _debug() -> bool:
 
 def _err(msg: str) -> None:
     _Progress.clear_line()
-    print(f"ternet: {msg}", file=sys.stderr, flush=True)
+    print(f"ternet: {printable(msg)}", file=sys.stderr, flush=True)
 
 
 def _positive(text: str) -> int:
@@ -66,7 +68,7 @@ class _Progress:
 
     def update(self, done: int, name: str) -> None:
         if self.on:
-            line = f"[{done}/{self.total}] {name}"
+            line = f"[{done}/{self.total}] {printable(name)}"
             sys.stderr.write("\r\x1b[K" + line[:200])
             sys.stderr.flush()
             _Progress._active = True
@@ -135,9 +137,10 @@ def _compile_notice(model, kernels: str, quiet: bool, batch: int = 1):
 # ------------------------------------------------------------------------------ classify
 
 def _format_table(path: str, preds) -> str:
-    rows = [path]
+    rows = [printable(path)]                 # paths and labels are escaped: see ternet/text.py
     for p in preds:
-        rows.append(f"  {p.rank:>2}  {100 * p.probability:6.2f}%  {p.index:>5}  {p.label}")
+        label = printable(p.label)
+        rows.append(f"  {p.rank:>2}  {100 * p.probability:6.2f}%  {p.index:>5}  {label}")
     return "\n".join(rows)
 
 
@@ -214,7 +217,7 @@ def cmd_warmup(args) -> int:
     seconds = model.warmup()
     if sig:
         jitcache.mark_warm(args.kernels, sig)
-    print(f"kernels ready for {model.path} (kernels={args.kernels}) in {seconds:.1f} s")
+    print(f"kernels ready for {printable(model.path)} (kernels={args.kernels}) in {seconds:.1f} s")
     return 0
 
 
@@ -235,7 +238,7 @@ def cmd_bench(args) -> int:
         r["layers"] = [{"name": n, "op": op, "median_us": us} for n, op, us in r["layers"]]
         print(json.dumps(r))
     else:
-        print(f"model: {model.path}")
+        print(f"model: {printable(model.path)}")
         print(format_report(r, per_layer=not args.no_layers))
     return 0
 
@@ -269,7 +272,7 @@ def cmd_models(args) -> int:
           "ternet.metrics (key shown; dev200 = the 200-image ImageNet dev sample).")
     for m in models:
         if m.pointwise == "ternary" and m.is_imagenet and not m.usable:
-            print(f"{m.name}: more than {USABLE_GAP:g} points below its FP32 reference "
+            print(f"{printable(m.name)}: more than {USABLE_GAP:g} points below its FP32 reference "
                   f"({_pct(m.ref_top1)}), so not the default")
     return 0
 
@@ -279,10 +282,12 @@ def _pct(v) -> str:
 
 
 def _table(header, rows, right=frozenset()) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+    """Aligned columns; cells are escaped by `printable` (they hold names from model files)."""
+    cells = [[printable(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w)
                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths]), *map(fmt, cells[1:])])
 
 
 # ------------------------------------------------------------------------------ info
@@ -334,7 +339,7 @@ def cmd_info(args) -> int:
         print(json.dumps(d))
         return 0
     t, s, e = info.totals, info.storage, info.energy
-    out = [f"model: {info.path}", f"arch:  {info.arch}", ""]
+    out = [f"model: {printable(info.path)}", f"arch:  {printable(info.arch)}", ""]
     if not args.summary:
         header = ("name", "op", "in", "out", "weight", "MACs", "mults", "adds", "skipped",
                   "params", "bytes")
@@ -378,13 +383,34 @@ def cmd_info(args) -> int:
 
 # ------------------------------------------------------------------------------ parser
 
+class _Parser(argparse.ArgumentParser):
+    """Names the default model only when help is shown: finding it reads the bundled files'
+    headers (safetensors), a cost that parsing a command line must not pay."""
+    model_action = None          # this parser's --model argument, if it has one
+
+    def format_help(self) -> str:
+        if self.model_action is not None:
+            self.model_action.help = _model_help()
+        return super().format_help()
+
+
+def _model_help() -> str:
+    from .catalog import DEFAULT_RULE, bundled_default
+    env = os.environ.get("TERNET_MODEL")
+    default = (f"$TERNET_MODEL, set to {env}" if env else
+               f"$TERNET_MODEL if set, else {bundled_default()}: {DEFAULT_RULE}")
+    text = f"bundled model name or .safetensors path (default: {default})"
+    return printable(text).replace("%", "%%")        # argparse %-formats help strings
+
+
 def _model_arg(p, positional=False):
     if positional:
         p.add_argument("model", metavar="MODEL", help="bundled model name or model file path")
     else:
-        p.add_argument("--model", "-m", metavar="NAME|PATH", default=None,
-                       help="bundled model name or .safetensors path (default: $TERNET_MODEL, "
-                            "else the most accurate bundled ternary ImageNet model)")
+        p.model_action = p.add_argument(
+            "--model", "-m", metavar="NAME|PATH", default=None,
+            help="bundled model name or .safetensors path (default: $TERNET_MODEL, else the "
+                 "one `ternet models` marks)")
 
 
 def _run_args(p):
@@ -397,7 +423,7 @@ def _run_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(                      # its subcommands' parsers are _Parsers too
         prog="ternet", description="CPU inference for PROM-quantized CNNs (ternary pointwise "
         "convolutions, int8 elsewhere).",
         epilog="Environment: TERNET_MODEL, TERNET_NUM_THREADS, NUMBA_CACHE_DIR (compiled kernel "

@@ -254,6 +254,12 @@ class Model:
     def _threads(self) -> int:
         return int(self.threads if self.threads is not None else default_threads())
 
+    @property
+    def thread_count(self) -> int:
+        """Threads predict runs on: `threads` as given to load, else TERNET_NUM_THREADS, else 1
+        (`threads` itself stays None then, so that the setting is read at each predict)."""
+        return self._threads()
+
     def _set_threads(self, t: int):
         import numba
         numba.set_num_threads(max(1, min(int(t), numba.config.NUMBA_NUM_THREADS)))

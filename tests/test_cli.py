@@ -249,6 +249,31 @@ def test_bench_reference(tiny):
     assert d["batch"] == 1 and d["median_ms"] > 0 and d["kernels"] == "reference"
 
 
+@pytest.mark.parametrize("env, threads", [({}, 1), ({"TERNET_NUM_THREADS": "2"}, 2)])
+def test_bench_reports_the_thread_count_in_use(tiny, env, threads):
+    r = run("bench", "--model", tiny, *REF, "--rounds", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f" threads={threads}: median " in r.stdout
+    d = json.loads(run("bench", "--model", tiny, *REF, "--rounds", "2", "--json", env=env).stdout)
+    assert d["threads"] == threads
+
+
+def test_bench_layer_table_columns_line_up():
+    from ternet.bench import format_report
+    layers = [("stem", "conv2d", 1234.5),
+              ("blocks.12.project+blocks.12.add", "pointwise+add", 7.5),   # a fused, long name
+              ("fc", "linear", 98765.0)]
+    r = dict(kernels="vnni", batch=1, threads=1, median_ms=1.0, min_ms=0.9, compile_s=0.1,
+             loadavg=0.5, layers=layers)
+    table = format_report(r).split("\n")[2:]            # after the summary and per-op lines
+    assert table[0].split() == ["layer", "op", "us"] and len(table) == 1 + len(layers)
+    op_col = table[1].index("conv2d")
+    assert all(row[op_col - 2:op_col] == "  " for row in table)   # names never run into ops
+    assert [row.split()[1] for row in table[1:]] == ["conv2d", "pointwise+add", "linear"]
+    assert len({len(row) for row in table}) == 1                  # times right-aligned
+    assert [float(row.split()[2]) for row in table[1:]] == [1234.5, 7.5, 98765.0]
+
+
 def test_warmup_reference(tiny):
     r = run("warmup", "--model", tiny, *REF)
     assert r.returncode == 0 and "kernels ready" in r.stdout
@@ -280,3 +305,98 @@ def test_cold_cache_marker(tmp_path, monkeypatch):
     assert not jitcache.is_warm("plain", "conv2d,linear")       # other kernels: other marker
     assert not jitcache.is_warm("auto", "conv2d,depthwise,linear")
     assert jitcache.is_warm("reference", "anything")            # numpy only: never cold
+
+
+# ------------------------------------------------------------------ hostile strings (issue 16)
+
+# Labels, arch, metrics keys and file names are untrusted: each of these would clear the
+# screen, set the window title, forge a result line or reorder text if printed raw.
+HOSTILE = ["\x1b[2J\x1b[H", "\x1b]0;owned\x07", "\n  1  99.99%      0  forged", "\r\x1b[K",
+           "\x9b31m", "\u202eevil", "\u2028", "\x00", "\x7f"]
+HOSTILE_ARCH = "tiny" + "".join(HOSTILE)
+HOSTILE_LABELS = [f"class_{i}{HOSTILE[i % len(HOSTILE)]}" for i in range(10)]
+HOSTILE_METRIC = "\x1b[2J\ndev_top1"
+
+
+def raw_controls(text: str) -> list[str]:
+    """Terminal-active characters in command output, other than the newlines it is made of."""
+    from test_text import terminal_active
+    return sorted({c for c in text if c != "\n" and terminal_active(c)})
+
+
+def lines_of(text: str) -> list[str]:
+    return text.rstrip("\n").split("\n")        # not splitlines: it also splits at \x1c, \u2028
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    from ternet.format import write_model
+    from tiny_model import tiny_graph
+    graph, tensors, input_spec, pre = tiny_graph(seed=3)
+    path = tmp_path_factory.mktemp("hostile") / "evil\x1b]0;owned\x07\n.safetensors"
+    write_model(path, arch=HOSTILE_ARCH, graph=graph, tensors=tensors, input_spec=input_spec,
+                preprocess=pre, labels=HOSTILE_LABELS, provenance={"producer": HOSTILE[0]},
+                metrics={HOSTILE_METRIC: 0.5})
+    return path
+
+
+@pytest.fixture
+def hostile_image(photos):
+    path = photos / "cat\x1b[2J\n.png"
+    path.write_bytes((photos / "a.png").read_bytes())
+    return path
+
+
+def test_hostile_strings_are_escaped_in_classify(hostile, hostile_image, photos):
+    r = run("classify", hostile_image, photos / "c_empty.jpg", "--model", hostile, *REF, "-k", "10")
+    assert r.returncode == 1                                  # the empty image failed
+    assert raw_controls(r.stdout) == [] and raw_controls(r.stderr) == []
+    assert len(lines_of(r.stdout)) == 1 + 10          # the path, 10 ranks: no forged line
+    assert lines_of(r.stdout)[0] == os.path.join(hostile_image.parent, "cat\\x1b[2J\\x0a.png")
+    assert "class_1\\x1b]0;owned\\x07" in r.stdout           # labels shown, escaped
+    assert len(lines_of(r.stderr)) == 1 and r.stderr.startswith("ternet: error: ")
+
+
+def test_hostile_labels_round_trip_in_json(hostile, hostile_image):
+    r = run("classify", hostile_image, "--model", hostile, *REF, "-k", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    assert raw_controls(r.stdout) == []                       # json.dumps escapes them
+    (rec,) = json_lines(r.stdout)
+    assert rec["path"] == str(hostile_image)
+    assert sorted(p["label"] for p in rec["predictions"]) == sorted(HOSTILE_LABELS)
+
+
+def test_hostile_strings_are_escaped_in_info(hostile):
+    r = run("info", hostile)
+    assert r.returncode == 0, r.stderr
+    assert raw_controls(r.stdout) == [] and r.stderr == ""
+    assert lines_of(r.stdout)[1].startswith("arch:  tiny\\x1b[2J\\x1b[H\\x1b]0;owned\\x07\\x0a")
+    d = json.loads(run("info", hostile, "--json").stdout)
+    assert d["arch"] == HOSTILE_ARCH and d["path"] == str(hostile)
+
+
+def test_hostile_strings_are_escaped_in_warmup_and_errors(hostile, photos, tmp_path):
+    r = run("warmup", "--model", hostile, *REF)
+    assert r.returncode == 0, r.stderr
+    assert raw_controls(r.stdout) == [] and "evil\\x1b]0;owned" in r.stdout
+    missing = tmp_path / "no\x1b[2Jsuch\n.safetensors"
+    r = run("classify", photos / "a.png", "--model", missing)
+    _one_clean_line(r)
+    assert raw_controls(r.stderr) == [] and "no\\x1b[2Jsuch\\x0a.safetensors" in r.stderr
+
+
+def test_hostile_strings_are_escaped_in_models(hostile, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import ternet.models
+    from ternet.cli import main
+    shutil.copy(hostile, tmp_path / hostile.name)
+    monkeypatch.setattr(ternet.models, "weights_dirs", lambda: [tmp_path])
+    assert main(["models"]) == 0
+    out, err = capsys.readouterr()
+    assert raw_controls(out) == [] and raw_controls(err) == []
+    row = lines_of(out)[2]                                    # header, dashes, the model
+    assert row.startswith("evil\\x1b]0;owned\\x07\\x0a") and "\\x1b[2J\\x0adev_top1" in row
+    assert main(["models", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["arch"] == HOSTILE_ARCH and rec["metric_key"] == HOSTILE_METRIC
