@@ -138,18 +138,24 @@ def bundled_summaries() -> list[ModelSummary]:
     return out
 
 
+DEFAULT_RULE = (f"the most accurate bundled all-ternary ImageNet model within {USABLE_GAP:g} "
+                "points of its FP32 top-1, else the most accurate bundled ImageNet model")
+
+
 def default_model() -> str:
+    """`TERNET_MODEL` if set, else `bundled_default()`."""
+    return os.environ.get("TERNET_MODEL") or bundled_default()
+
+
+def bundled_default() -> str:
     """The most accurate bundled ImageNet model whose pointwise convs are all ternary, if it is
     usable (within USABLE_GAP points of the FP32 top-1 recorded in the same file).
 
-    `TERNET_MODEL` overrides; models without a recorded top-1 rank last. With no usable all-ternary
-    model bundled, the most accurate bundled ImageNet model (whatever its weights: the command
-    must name what is in the photo); with none at all, `efficientnet_lite0_prom` (its absence is
-    reported when loading).
+    Models without a recorded top-1 rank last. With no usable all-ternary model bundled, the
+    most accurate bundled ImageNet model (whatever its weights: the command must name what is in
+    the photo); with none at all, `efficientnet_lite0_prom` (its absence is reported when
+    loading). DEFAULT_RULE says this in one line for `--help`.
     """
-    env = os.environ.get("TERNET_MODEL")
-    if env:
-        return env
     imagenet = [s for s in bundled_summaries() if s.is_imagenet]
     for kinds in (("ternary",), None):
         cands = [s for s in imagenet if kinds is None or (s.pointwise in kinds and s.usable)]

@@ -83,3 +83,26 @@ def test_unusable_ternary_model_is_not_the_default(weights):
     fake_model(weights / "c_prom.safetensors", ("ternary",), metrics={"dev200_top1": 0.87,
                                                                      "dev200_fp32_top1": 0.89})
     assert default_model() == "c_prom"                  # within 3 points: the PROM default
+
+
+def model_help(*argv) -> str:
+    """What `ternet <argv> --help` prints about --model."""
+    import contextlib
+    import io
+
+    from ternet.cli import build_parser
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    text = " ".join(out.getvalue().split())              # undo argparse's line wrapping
+    return text[text.index("--model NAME|PATH, -m"):text.index(" -", text.index("(default:"))]
+
+
+@pytest.mark.parametrize("command", ["classify", "warmup", "bench"])
+def test_help_names_the_default_the_rule_picks(weights, monkeypatch, command):
+    fake_model(weights / "a_int8.safetensors", ("int8",), metrics={"top1": 75.0})
+    assert "else a_int8:" in model_help(command)         # no ternary model: the best one
+    fake_model(weights / "b_prom.safetensors", ("ternary",), metrics={"top1": 72.0})
+    assert "else b_prom:" in model_help(command) and default_model() == "b_prom"
+    monkeypatch.setenv("TERNET_MODEL", "/some/100%/where.safetensors")
+    assert "(default: $TERNET_MODEL, set to /some/100%/where.safetensors)" in model_help(command)
