@@ -384,14 +384,17 @@ def cmd_info(args) -> int:
 # ------------------------------------------------------------------------------ parser
 
 class _Parser(argparse.ArgumentParser):
-    """Names the default model only when help is shown: finding it reads the bundled files'
-    headers (safetensors), a cost that parsing a command line must not pay."""
+    """Escapes usage errors; names the default model only when help is shown: finding it reads
+    the bundled files' headers (safetensors), a cost that parsing a command line must not pay."""
     model_action = None          # this parser's --model argument, if it has one
 
     def format_help(self) -> str:
         if self.model_action is not None:
             self.model_action.help = _model_help()
         return super().format_help()
+
+    def error(self, message: str):
+        super().error(printable(message))   # e.g. 'unrecognized arguments: <raw file names>'
 
 
 def _model_help() -> str:

@@ -379,6 +379,9 @@ def test_hostile_strings_are_escaped_in_warmup_and_errors(hostile, photos, tmp_p
     r = run("warmup", "--model", hostile, *REF)
     assert r.returncode == 0, r.stderr
     assert raw_controls(r.stdout) == [] and "evil\\x1b]0;owned" in r.stdout
+    r = run("models", photos / "a\x1b[2J.png")                 # usage error echoing an argument
+    assert r.returncode == 2 and raw_controls(r.stderr) == []
+    assert "unrecognized arguments: " in r.stderr and "a\\x1b[2J.png" in r.stderr
     missing = tmp_path / "no\x1b[2Jsuch\n.safetensors"
     r = run("classify", photos / "a.png", "--model", missing)
     _one_clean_line(r)
