@@ -1,8 +1,15 @@
 """Image loading (modes, EXIF, bad files) and the model preprocessing recipe."""
+import json
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from crafted_images import all_nan_tiff, corrupt_exif_jpeg, two_colour_strip
+from ternet import preprocess as pre
 from ternet import quant
 from ternet.preprocess import ImageError, load_image, preprocess, resize_and_crop
 
@@ -284,3 +291,139 @@ def test_preprocess_grayscale_path(tmp_path):
     a = preprocess(p, SPEC, INPUT)
     b = preprocess(np.full((40, 40, 3), 124, np.uint8), SPEC, INPUT)
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ bounded memory, warnings
+
+HOSTILE_STRIPS = [(20000, 1), (100000, 1), (1, 100000)]    # ~100-400 bytes as PNG
+SPEC_224 = dict(SPEC, resize=256, crop=224)
+INPUT_224 = dict(INPUT, height=224, width=224)
+
+
+@pytest.mark.parametrize("w,h", HOSTILE_STRIPS)
+def test_extreme_aspect_ratio_is_cropped_from_the_source(tmp_path, w, h):
+    # Resize(256) would make these 5,120,000 x 256 (5.3 GB) or 25,600,000 x 256 pixels.
+    p = tmp_path / "strip.png"
+    Image.fromarray(two_colour_strip(w, h)).save(p)
+    out = np.asarray(resize_and_crop(load_image(p), 256, 224))
+    assert out.shape == (224, 224, 3)
+    # the crop is centred on the red/blue boundary: red at one end, blue at the other
+    first, last = (out[:, 0], out[:, -1]) if w > h else (out[0], out[-1])
+    assert (first[:, 0] > 200).all() and (first[:, 2] < 55).all()
+    assert (last[:, 2] > 200).all() and (last[:, 0] < 55).all()
+    q = preprocess(p, SPEC_224, INPUT_224)
+    assert q.shape == (224, 224, 3) and q.dtype == np.uint8
+
+
+PEAK_RSS_SCRIPT = """
+import json, resource, sys
+import numpy as np
+from ternet.preprocess import preprocess
+spec, inp = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+preprocess(np.zeros((8, 8, 3), np.uint8), spec, inp)      # imports and first-use allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[3:]:
+    preprocess(path, spec, inp)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in kB on Linux")
+def test_extreme_aspect_ratio_peak_memory_is_bounded(tmp_path):
+    """Peak RSS growth while preprocessing the hostile strips, in a fresh process. Building
+    the resized image whole took 5.3 GB for 20000 x 1 and tried ~26 GB for 100000 x 1."""
+    paths = []
+    for w, h in HOSTILE_STRIPS:
+        paths.append(tmp_path / f"{w}x{h}.png")
+        Image.fromarray(two_colour_strip(w, h)).save(paths[-1])
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, json.dumps(SPEC_224),
+                        json.dumps(INPUT_224),
+                        *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 64 * 1024, f"peak RSS grew by {int(r.stdout)} kB"
+
+
+@pytest.mark.parametrize("interpolation,image", [("bilinear", "noise"), ("bicubic", "smooth")])
+def test_bounded_path_matches_full_resize(monkeypatch, interpolation, image):
+    """Forced onto the bounded path, the crop is where a full resize puts it (a one-pixel shift
+    on noise would differ by ~100). Values may differ by one rounding step (Pillow takes the
+    window's corners as float32); with bicubic, by two on a smooth image (on noise, Pillow's
+    pass order decides how overshoot is clipped, so that case is not compared)."""
+    rng = np.random.default_rng(11)
+    cases = [((700, 23), 40, 32), ((23, 700), 40, 32), ((2900, 61), 50, 48), ((9, 450), 20, 30),
+             ((451, 300), 40, 32), ((300, 451), 64, 60), ((1000, 3), 12, 16)]
+    for (w, h), resize, crop in cases:
+        if image == "noise":
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:
+            yy, xx = np.mgrid[0:h, 0:w]
+            a = np.stack([128 + 90 * np.sin(xx / 7 + yy / 11), 128 + 90 * np.cos(xx / 5),
+                          128 + 90 * np.sin(yy / 3)], -1).round().astype(np.uint8)
+        im = Image.fromarray(a)
+        full = np.asarray(resize_and_crop(im, resize, crop, interpolation)).astype(int)
+        monkeypatch.setattr(pre, "MAX_RESIZED_PIXELS", 0)
+        bounded = np.asarray(resize_and_crop(im, resize, crop, interpolation)).astype(int)
+        monkeypatch.undo()
+        tol = 1 if interpolation == "bilinear" else 2
+        assert np.abs(full - bounded).max() <= tol, ((w, h), resize, crop)
+
+
+def test_aspect_ratio_at_the_limit_takes_the_exact_path():
+    # 512 x 2 -> Resize(256) -> 65536 x 256 = MAX_RESIZED_PIXELS: still built whole
+    im = Image.fromarray(np.random.default_rng(12).integers(0, 256, (2, 512, 3), dtype=np.uint8))
+    assert 65536 * 256 == pre.MAX_RESIZED_PIXELS
+    ref = im.resize((65536, 256), Image.Resampling.BILINEAR).crop((32656, 16, 32880, 240))
+    np.testing.assert_array_equal(np.asarray(resize_and_crop(im, 256, 224)), np.asarray(ref))
+
+
+def test_decoded_pixel_cap_refuses_other_formats(tmp_path, monkeypatch):
+    p = tmp_path / "big.png"
+    Image.new("RGB", (40, 30), RED).save(p)
+    monkeypatch.setattr(pre, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    assert str(e.value) == f"{p}: image is 40 x 30 pixels, more than the 1000-pixel limit"
+
+
+def test_decoded_pixel_cap_decodes_jpeg_smaller(tmp_path, monkeypatch):
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (100, 80), (200, 40, 90)).save(p, quality=95)
+    assert load_image(p).size == (100, 80)                  # under the cap: decoded whole
+    monkeypatch.setattr(pre, "MAX_PIXELS", 1000)
+    im = load_image(p)          # 1/2 scale is 50 x 40 = 2000 pixels: too many; 1/4 fits
+    assert im.size == (25, 20)
+    assert np.abs(np.asarray(im).astype(int) - (200, 40, 90)).max() <= 8
+
+
+def test_corrupt_exif_is_ignored_without_a_warning(tmp_path):
+    p = corrupt_exif_jpeg(tmp_path / "exif.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # any warning that escapes fails the test
+        im = load_image(p)
+    assert im.size == (40, 40)
+    assert max(abs(a - b) for a, b in zip(px(im, (20, 20)), (10, 200, 30))) < 8
+
+
+def test_all_nan_float_image_is_an_image_error(tmp_path):
+    p = all_nan_tiff(tmp_path / "nan.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # numpy's "All-NaN slice" must not escape
+        with pytest.raises(ImageError, match=r"nan\.tif: float image whose pixels are all NaN"):
+            load_image(p)
+
+
+def test_partly_nan_float_image_counts_nan_as_black():
+    a = np.array([[np.nan, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(a, "F")))[0, :, 0],
+                                  [0, 128, 255])
+
+
+def test_image_extensions_are_readable_by_pillow():
+    Image.init()
+    registered = Image.registered_extensions()
+    for ext in pre.IMAGE_EXTENSIONS:
+        fmt = registered.get(ext)
+        # MPO files are opened by the JPEG plugin; a plugin missing from this Pillow is fine
+        assert fmt is None or fmt in Image.OPEN or fmt == "MPO", ext
+    assert {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"} <= pre.IMAGE_EXTENSIONS
+    assert not {".pdf", ".txt", ".eps", ".h5", ".mpg"} & pre.IMAGE_EXTENSIONS
