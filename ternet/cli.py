@@ -82,22 +82,21 @@ class _Progress:
 
 
 def _image_files(paths: list[str]) -> tuple[list[str], list[str]]:
-    """Expand directories recursively (image extensions only, sorted); files kept as given.
+    """Expand directories recursively (preprocess.IMAGE_EXTENSIONS only, sorted); files kept
+    as given.
 
     Returns (inputs, empty_dirs)."""
-    out, empty, exts = [], [], None
+    from .preprocess import IMAGE_EXTENSIONS
+    out, empty = [], []
     for p in paths:
         if not os.path.isdir(p):
             out.append(p)          # a missing or non-image file is reported when read
             continue
-        if exts is None:
-            from PIL import Image
-            exts = {e.lower() for e in Image.registered_extensions()}
         found = []
         for root, dirs, files in os.walk(p):
             dirs.sort()
             found += [os.path.join(root, f) for f in files
-                      if os.path.splitext(f)[1].lower() in exts]
+                      if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
         if found:
             out += sorted(found)
         else:

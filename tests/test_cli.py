@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crafted_images import all_nan_tiff, bomb_png, corrupt_exif_jpeg
 from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,44 @@ def test_empty_directory(tiny, tmp_path):
     (tmp_path / "none").mkdir()
     r = run("classify", tmp_path / "none", "--model", tiny, *REF)
     assert r.returncode == 1 and "no image files found" in r.stderr
+
+
+def test_directory_search_skips_formats_pillow_cannot_read(tiny, tmp_path):
+    """A PDF (which Pillow writes but cannot read) or an HDF5 file in a photo folder is skipped
+    like notes.txt; named explicitly, it is tried and reported."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.new("RGB", (40, 40), (90, 120, 30)).save(d / "a.png")
+    Image.new("RGB", (40, 40), (90, 120, 30)).save(d / "manual.pdf")
+    (d / "data.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (d / "notes.txt").write_text("not an image\n")
+    r = run("classify", d, "--model", tiny, *REF, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [x["path"] for x in json_lines(r.stdout)] == [str(d / "a.png")]
+    r = run("classify", d / "manual.pdf", "--model", tiny, *REF)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"ternet: error: {d / 'manual.pdf'}: not an image (unrecognised file "
+                        "format)\n")
+
+
+def test_decoding_warnings_never_reach_stderr(tiny, tmp_path):
+    """Pillow's DecompressionBombWarning and 'Corrupt EXIF data' and numpy's 'All-NaN slice'
+    each used to add lines of their own to stderr: now one `ternet: error:` line per bad
+    image, nothing for an image whose only fault is its metadata."""
+    bomb = bomb_png(tmp_path / "bomb.png")
+    exif = corrupt_exif_jpeg(tmp_path / "exif.jpg")
+    nan = all_nan_tiff(tmp_path / "nan.tif")
+    r = run("classify", bomb, exif, nan, "--model", tiny, *REF, "--json")
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"ternet: error: {bomb}: image is 9500 x 9500 pixels, more than the 89478485-pixel limit",
+        f"ternet: error: {nan}: float image whose pixels are all NaN"]
+    recs = json_lines(r.stdout)
+    assert [x["path"] for x in recs] == [str(bomb), str(exif), str(nan)]
+    assert "predictions" in recs[1] and "error" in recs[0] and "error" in recs[2]
+    debug = run("classify", exif, "--model", tiny, *REF, env={"TERNET_DEBUG": "1"})
+    assert debug.returncode == 0
+    assert debug.stderr.startswith(f"ternet: {exif}: ignored UserWarning: Corrupt EXIF data")
 
 
 # ------------------------------------------------------------------ bad models (exit 1)
