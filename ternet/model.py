@@ -313,10 +313,13 @@ class Model:
         return preprocess(image, self.file.preprocess, self.file.input)
 
     def classify(self, image, top_k: int = 5):
-        """Top-k predictions (label, index, probability) for one image or a list of images."""
+        """Top-k predictions (label, index, probability) for one image, or a list of them (one
+        list per image) for a list or tuple of images; an empty list gives an empty list."""
         from .predictions import top_k as _top_k
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
+        if not images:
+            return []
         logits = self.predict(np.stack([self.preprocess(im) for im in images]))
         res = [_top_k(row, self.file.labels, top_k) for row in logits]
         return res[0] if single else res

@@ -65,3 +65,12 @@ def test_predict_rejects_wrong_input(tiny):
         model.predict(x.astype(np.float32))
     with pytest.raises(ValueError, match="uint8 batch"):
         model.predict(x[0])
+
+
+def test_classify_list_in_list_out(tiny):
+    path, x, _ = tiny
+    model = ternet.load(path, kernels="reference")
+    assert model.classify([]) == [] and model.classify(()) == []
+    imgs = [np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)] * 2
+    one, both = model.classify(imgs[0], top_k=3), model.classify(imgs, top_k=3)
+    assert len(both) == 2 and both[0] == both[1] == one and len(one) == 3
