@@ -1,4 +1,4 @@
-"""The `ternet` command line: classify, warmup, bench, models, info.
+"""The `ternet` command line: classify, warmup, bench, models, info, convert.
 
 Conventions: results go to stdout and nothing else does; notices, progress and errors go to
 stderr as `ternet: ...` lines. Exit codes: 0 success, 1 a model or any input failed (the other
@@ -380,6 +380,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import shlex
+
+    from .format import ModelFormatError
+    argv = [args.source, "-o", args.output]
+    if args.labels:
+        argv += ["--labels", args.labels]
+    if args.preprocess:
+        argv += ["--preprocess", *args.preprocess]
+    if args.arch:
+        argv += ["--arch", args.arch]
+    if args.keep_int8:
+        argv.append("--keep-int8")
+    try:
+        from .conversion import convert
+        report = convert(args.source, args.output, labels=args.labels, preprocess=args.preprocess,
+                         arch=args.arch, ternary=not args.keep_int8,
+                         command="ternet convert " + shlex.join(argv))
+    except (OSError, ImportError, ModelFormatError) as e:   # ConversionError is a ModelFormatError
+        raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    print("\n".join(printable(line) for line in report.lines()))
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 class _Parser(argparse.ArgumentParser):
@@ -481,6 +505,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _run_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="convert a quantized .tflite or ONNX QDQ classifier",
+                       description="Write a ternet model file from an int8 TFLite or ONNX QDQ "
+                                   "image classifier (docs/convert.md: supported ops and rules). "
+                                   "Needs the 'convert' extra.")
+    p.add_argument("source", metavar="MODEL", help=".tflite or .onnx file")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.safetensors")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line (default class_N)")
+    p.add_argument("--preprocess", nargs="+", metavar="KEY=VALUE",
+                   help="resize=N crop=N interpolation=bilinear|bicubic mean=R,G,B std=R,G,B "
+                        "(pixel/255 units; default for 8-bit inputs: raw pixels, resize "
+                        "crop/0.875, bilinear)")
+    p.add_argument("--arch", metavar="NAME", help="architecture name stored in the file "
+                                                   "(default: the source file's name)")
+    p.add_argument("--keep-int8", action="store_true",
+                   help="keep ternary-valued int8 pointwise weights as int8")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -489,7 +530,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)          # exits 2 on usage errors
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ternet: error: a command is required (classify, warmup, bench, models, info)",
+        print("ternet: error: a command is required "
+              "(classify, warmup, bench, models, info, convert)",
               file=sys.stderr)
         return 2
     try:

@@ -53,44 +53,47 @@ def pool_params(mf: ModelFile, node, hw: int) -> tuple[np.float32, int]:
 
 def run_reference(mf: ModelFile, x: np.ndarray) -> np.ndarray:
     """x uint8 [N, H, W, 3] (quantized input) -> float32 logits [N, num_classes]."""
+    vals = {"input": np.ascontiguousarray(x, np.uint8)}
+    for node in mf.graph:
+        vals[node.name] = run_node(mf, node, [vals[s] for s in node.inputs])
+    return vals[mf.graph[-1].name]
+
+
+def run_node(mf: ModelFile, node, inputs: list) -> np.ndarray:
+    """One node on its input values (uint8 NHWC; the graph's own or any others of the same
+    shape, e.g. another engine's, to compare layers one at a time) -> its output value."""
     from .kernels.conv import conv_ref
     from .kernels.depthwise import depthwise_ref
     from .kernels.elementwise import gap_ref, linear_ref
     from .kernels.pointwise import pointwise_ref
 
-    vals = {"input": np.ascontiguousarray(x, np.uint8)}
-    for node in mf.graph:
-        a = node.attrs
-        src = vals[node.inputs[0]]
-        _, zx = node_qparams(mf, node.inputs[0])
-        if node.op == "conv2d":
-            mult, zp, lo, hi = requant_params(mf, node)
-            pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
-            y = conv_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp, lo, hi,
-                         a["stride"], pt, pl, ho, wo)
-        elif node.op == "depthwise":
-            mult, zp, lo, hi = requant_params(mf, node)
-            pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
-            y = depthwise_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp,
-                              lo, hi, a["stride"], pt, pl, ho, wo)
-        elif node.op == "pointwise":
-            mult, zp, lo, hi = requant_params(mf, node)
-            n, h, w, c = src.shape
-            y = pointwise_ref(src.reshape(-1, c), zx, pointwise_weight(mf, node),
-                              mf.tensor(node, "bias"), mult, zp, lo, hi).reshape(n, h, w, -1)
-        elif node.op == "add":
-            za, ma, zb, mb, zo, lo, hi = add_params(mf, node)
-            y = quant.add_ref(src, za, ma, vals[node.inputs[1]], zb, mb, zo, lo, hi)
-        elif node.op == "global_avg_pool":
-            n, h, w, c = src.shape
-            y = gap_ref(src.reshape(n, h * w, c), zx, *pool_params(mf, node, h * w))
-            y = y.reshape(n, 1, 1, c)
-        elif node.op == "linear":
-            s_in, _ = node_qparams(mf, node.inputs[0])
-            scale = quant.logit_scale(s_in, mf.tensor(node, "weight_scale"))
-            y = linear_ref(src.reshape(src.shape[0], -1), zx, mf.tensor(node, "weight"),
-                           mf.tensor(node, "bias"), scale)
-        else:  # validated by format.read_model; unreachable for a loaded file
-            raise ValueError(f"unknown op {node.op!r}")
-        vals[node.name] = y
-    return vals[mf.graph[-1].name]
+    a = node.attrs
+    src = np.ascontiguousarray(inputs[0], np.uint8)
+    _, zx = node_qparams(mf, node.inputs[0])
+    if node.op == "conv2d":
+        mult, zp, lo, hi = requant_params(mf, node)
+        pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
+        return conv_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp, lo, hi,
+                        a["stride"], pt, pl, ho, wo)
+    if node.op == "depthwise":
+        mult, zp, lo, hi = requant_params(mf, node)
+        pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
+        return depthwise_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp,
+                             lo, hi, a["stride"], pt, pl, ho, wo)
+    if node.op == "pointwise":
+        mult, zp, lo, hi = requant_params(mf, node)
+        n, h, w, c = src.shape
+        return pointwise_ref(src.reshape(-1, c), zx, pointwise_weight(mf, node),
+                             mf.tensor(node, "bias"), mult, zp, lo, hi).reshape(n, h, w, -1)
+    if node.op == "add":
+        za, ma, zb, mb, zo, lo, hi = add_params(mf, node)
+        return quant.add_ref(src, za, ma, np.asarray(inputs[1], np.uint8), zb, mb, zo, lo, hi)
+    if node.op == "global_avg_pool":
+        n, h, w, c = src.shape
+        return gap_ref(src.reshape(n, h * w, c), zx, *pool_params(mf, node, h * w)).reshape(n, 1, 1, c)
+    if node.op == "linear":
+        s_in, _ = node_qparams(mf, node.inputs[0])
+        scale = quant.logit_scale(s_in, mf.tensor(node, "weight_scale"))
+        return linear_ref(src.reshape(src.shape[0], -1), zx, mf.tensor(node, "weight"),
+                          mf.tensor(node, "bias"), scale)
+    raise ValueError(f"unknown op {node.op!r}")   # validated by format.read_model: unreachable
