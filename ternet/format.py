@@ -8,6 +8,7 @@ the node or tensor, and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,20 @@ WEIGHT_TYPES = ("ternary", "int8", "hybrid")
 INTERPOLATIONS = ("bilinear", "bicubic")
 INT32_MAX = 2**31 - 1
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+# Limits that keep reading any file bounded in time and memory (docs/format.md, "Limits").
+MAX_HEADER_BYTES = 4 << 20          # the safetensors JSON header; the bundled models' are ~60 KB
+MAX_JSON_DEPTH = 32                 # nesting of any JSON document (Python's parser recurses)
+MAX_VERSION_DIGITS = 6
+MAX_CHANNELS = 16384                # cin, cout, channels; and conv2d's kernel**2 * cin (its GEMM
+                                    # depth), so the kernels' 16-bit row indices always suffice
+MAX_VALUES = 1 << 26                # per image: any node's output, and conv2d's im2col matrix
+F32_TINY = float(np.finfo(np.float32).tiny)     # 2**-126, the smallest normal float32
+F32_MAX = float(np.finfo(np.float32).max)
+# Every derived float32 multiplier lies in [F32_TINY, MAX_MULTIPLIER]: with |acc| < 2**31 (and
+# |q - z| <= 255 in an add) every product and sum the kernels form stays finite, so the clamp
+# sees no inf or NaN and the kernels' arithmetic matches the numpy references'.
+MAX_MULTIPLIER = 2.0**64
 
 # 2-bit ternary codes (BitNet I2_S style): code = w + 1; 3 is invalid.
 CODE_INVALID = 3
@@ -130,6 +145,7 @@ def read_model(path) -> ModelFile:
         raise FileNotFoundError(f"{p}: no such model file")
     if p.is_dir():
         raise ModelFormatError(f"{p}: is a directory, not a model file")
+    _check_header(p)
     try:
         from safetensors import safe_open
         with safe_open(str(p), framework="np") as f:
@@ -141,6 +157,76 @@ def read_model(path) -> ModelFile:
     return validate(str(p), meta, arrays)
 
 
+def _check_header(p: Path) -> None:
+    """What the safetensors reader takes on trust: a bounded header length, and a JSON header
+    with bounded nesting and no repeated key (a JSON parser would silently keep the last one)."""
+    bad = "not a readable safetensors file"
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            _fail(p, bad, "shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES:
+            _fail(p, bad, f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+        raw = f.read(n)
+    if len(raw) < n:
+        _fail(p, bad, f"header length {n} but the file ends {len(raw)} bytes later")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _fail(p, bad, "header is not valid UTF-8")
+    if not isinstance(_parse_json(p, f"{bad}: header", text), dict):
+        _fail(p, bad, "header is not a JSON object")
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside JSON strings, in linear time and without recursion
+    (int32 work arrays: a few times the text's size)."""
+    b = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)   # the bytes that matter
+    if not len(b):                                                       # are ASCII in UTF-8
+        return 0
+    pos = np.arange(len(b), dtype=np.int32)
+    last_other = np.maximum.accumulate(np.where(b == ord("\\"), np.int32(-1), pos))
+    escaped = np.zeros(len(b), bool)              # preceded by an odd run of backslashes
+    escaped[1:] = (pos[:-1] - last_other[:-1]) % 2 == 1
+    quote = (b == ord('"')) & ~escaped
+    in_string = (np.cumsum(quote, dtype=np.int32) - quote) % 2 == 1
+    step = np.where(in_string, np.int8(0), ((b == ord("[")) | (b == ord("{"))).view(np.int8)
+                    - ((b == ord("]")) | (b == ord("}"))).view(np.int8))
+    return int(np.cumsum(step, dtype=np.int32).max())
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {_show(k)}")
+        d[k] = v
+    return d
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_json(path, where, text: str):
+    """Strict JSON: nesting at most MAX_JSON_DEPTH, no repeated keys, no NaN or Infinity."""
+    if not isinstance(text, str):
+        _fail(path, where, f"expected a JSON string, got {type(text).__name__}")
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        _fail(path, where, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except ValueError as e:           # JSONDecodeError, a repeated key, an int over 4300 digits
+        _fail(path, where, f"invalid JSON ({str(e).splitlines()[0]})")
+
+
+def _show(v, limit: int = 60) -> str:
+    """repr(v), cut short: error messages stay one readable line whatever the file holds."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _fail(path, where, problem):
     raise ModelFormatError(f"{path}: {where}: {problem}")
 
@@ -150,41 +236,74 @@ def _json_key(path, meta, key, kind, required=True):
         if required:
             _fail(path, f"metadata key {key!r}", "missing")
         return None
-    try:
-        v = json.loads(meta[key])
-    except (TypeError, ValueError) as e:
-        _fail(path, f"metadata key {key!r}", f"invalid JSON ({e})")
+    v = _parse_json(path, f"metadata key {key!r}", meta[key])
     if not isinstance(v, kind):
         _fail(path, f"metadata key {key!r}", f"expected a JSON {kind.__name__}, got {type(v).__name__}")
     return v
 
 
+def _is_number(v, integer: bool = False) -> bool:
+    """A JSON int, or (unless integer) a finite JSON float. Python ints are unbounded and always
+    finite (math.isfinite would overflow on a huge one); bool is not a number here."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    return not integer and isinstance(v, float) and math.isfinite(v)
+
+
 def _num(path, where, d, key, lo=None, hi=None, integer=False):
     v = d.get(key) if isinstance(d, dict) else None
-    ok_type = (isinstance(v, int) and not isinstance(v, bool)) if integer else \
-        (isinstance(v, (int, float)) and not isinstance(v, bool))
-    if not ok_type or not np.isfinite(v):
-        _fail(path, where, f"{key!r} must be {'an integer' if integer else 'a finite number'}, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        _fail(path, where, f"{key!r} = {v} out of range [{lo}, {hi}]")
+    if not _is_number(v, integer):
+        _fail(path, where, f"{key!r} must be {'an integer' if integer else 'a finite number'}, "
+              f"got {_show(v)}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):     # exact, even for huge ints
+        _fail(path, where, f"{key!r} = {_show(v)} out of range [{lo}, {hi}]")
     return v
 
 
 def _choice(path, where, d, key, choices):
     v = d.get(key)
-    if v not in choices:
-        _fail(path, where, f"{key!r} must be one of {list(choices)}, got {v!r}")
+    if not isinstance(v, str) or v not in choices:
+        _fail(path, where, f"{key!r} must be one of {list(choices)}, got {_show(v)}")
     return v
+
+
+def _normal_f32(a) -> np.ndarray:
+    """Elementwise: a float32 value that is finite, positive and normal (>= 2**-126)."""
+    return np.isfinite(a) & (a >= np.float32(F32_TINY))
+
+
+def _check_multiplier(path, where, what, rule, *scales) -> None:
+    """The float32 multiplier(s) `rule` (a ternet.quant function) derives from the scales must lie
+    in [2**-126, MAX_MULTIPLIER]; computed exactly as the runners will compute them."""
+    with np.errstate(over="ignore", under="ignore"):      # overflow is the finding, not a warning
+        m = np.asarray(rule(*scales), np.float32).reshape(-1)
+    ok = _normal_f32(m) & (m <= np.float32(MAX_MULTIPLIER))
+    if not np.all(ok):
+        _fail(path, where, f"{what} {float(m[~ok][0]):g} (float32) is outside [2**-126, 2**64]: "
+              "the scales are too far apart")
+
+
+def _check_im2col(path, where, k, cin, ho, wo) -> None:
+    """conv2d runs as im2col + GEMM: bound the GEMM depth and the per-image im2col matrix."""
+    if k * k * cin > MAX_CHANNELS:
+        _fail(path, where, f"kernel {k}x{k} x cin {cin} = {k * k * cin} exceeds {MAX_CHANNELS}")
+    if ho * wo * k * k * cin > MAX_VALUES:
+        _fail(path, where, f"its im2col matrix ({ho}x{wo} x {k * k * cin}) has more than "
+              f"{MAX_VALUES} values")
 
 
 def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
     """Check metadata, graph, shapes and tensors; return the parsed ModelFile."""
     if meta.get("format") != FORMAT_TAG:
-        _fail(path, "metadata key 'format'", f"expected {FORMAT_TAG!r}, got {meta.get('format')!r} "
-              "(not a ternet model file)")
+        _fail(path, "metadata key 'format'", f"expected {FORMAT_TAG!r}, got "
+              f"{_show(meta.get('format'))} (not a ternet model file)")
     ver = meta.get("ternet.format_version")
-    if ver is None or not str(ver).isdigit():
-        _fail(path, "metadata key 'ternet.format_version'", f"missing or not an integer: {ver!r}")
+    if not isinstance(ver, str) or not re.fullmatch(f"[0-9]{{1,{MAX_VERSION_DIGITS}}}", ver):
+        _fail(path, "metadata key 'ternet.format_version'",
+              f"missing or not an integer of at most {MAX_VERSION_DIGITS} ASCII digits: "
+              f"{_show(ver)}")
     if int(ver) != FORMAT_VERSION:
         _fail(path, "format version", f"file has version {ver}, this ternet reads version "
               f"{FORMAT_VERSION}" + ("; upgrade ternet" if int(ver) > FORMAT_VERSION else ""))
@@ -208,9 +327,8 @@ def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
     _num(path, w, inp, "channels", 3, 3, True)
     if inp.get("layout") != "NHWC" or inp.get("dtype") != "uint8":
         _fail(path, w, "layout must be 'NHWC' and dtype 'uint8'")
-    s_in = _num(path, w, inp, "scale", 0, None)
-    if s_in <= 0:
-        _fail(path, w, "scale must be > 0")
+    # a normal float32 (quantize_activation divides by float32(scale)): the input can't be NaN
+    _num(path, w, inp, "scale", F32_TINY, F32_MAX)
     _num(path, w, inp, "zero_point", 0, 255, True)
 
     w = "preprocess spec"
@@ -222,19 +340,20 @@ def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
         _fail(path, w, f"resize {resize} is smaller than crop {crop}")
     _choice(path, w, pre, "interpolation", INTERPOLATIONS)
     if pre.get("colour", "RGB") != "RGB":
-        _fail(path, w, f"colour must be 'RGB', got {pre.get('colour')!r}")
-    for key in ("mean", "std"):
+        _fail(path, w, f"colour must be 'RGB', got {_show(pre.get('colour'))}")
+    # applied in float32: mean finite there, std a normal float32, so (x - mean) / std is no NaN
+    for key, lo in (("mean", -F32_MAX), ("std", F32_TINY)):
         v = pre.get(key)
-        if not (isinstance(v, list) and len(v) == 3 and
-                all(isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in v)):
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(t) for t in v)):
             _fail(path, w, f"{key!r} must be a list of 3 numbers")
-    if min(pre["std"]) <= 0:
-        _fail(path, w, "std must be > 0")
+        if not all(lo <= t <= F32_MAX for t in v):
+            _fail(path, w, f"{key!r} values must lie in [{lo:g}, {F32_MAX:g}], got {_show(v)}")
 
-    nodes, used = _validate_graph(path, graph, arrays, (H, W, 3), inp["zero_point"])
+    nodes, used = _validate_graph(path, graph, arrays, (H, W, 3),
+                                  (float(inp["scale"]), inp["zero_point"]))
     extra = sorted(set(arrays) - used)
     if extra:
-        _fail(path, f"tensor {extra[0]!r}", "not used by any graph node")
+        _fail(path, f"tensor {_show(extra[0])}", "not used by any graph node")
     if len(labels) != nodes[-1].attrs["cout"]:
         _fail(path, "metadata key 'ternet.labels'",
               f"{len(labels)} labels for a classifier with {nodes[-1].attrs['cout']} outputs")
@@ -258,16 +377,20 @@ def _expect(path, arrays, used, name, dtype, shape):
 def _qparams(path, arrays, used, name):
     s = _expect(path, arrays, used, f"{name}.output_scale", np.float32, (1,))
     z = _expect(path, arrays, used, f"{name}.output_zero_point", np.int32, (1,))
-    if not (np.isfinite(s[0]) and s[0] > 0):
-        _fail(path, f"tensor {name + '.output_scale'!r}", f"must be finite and > 0, got {s[0]}")
+    if not _normal_f32(s[0]):
+        _fail(path, f"tensor {name + '.output_scale'!r}",
+              f"must be finite and > 0 (a normal float32, >= 2**-126), got {s[0]}")
     if not 0 <= z[0] <= 255:
         _fail(path, f"tensor {name + '.output_zero_point'!r}", f"{z[0]} outside [0, 255]")
+    return float(s[0]), int(z[0])
 
 
 def _weight_scale(path, arrays, used, name, c):
     s = _expect(path, arrays, used, f"{name}.weight_scale", np.float32, (c,))
-    if not np.all(np.isfinite(s) & (s > 0)):
-        _fail(path, f"tensor {name + '.weight_scale'!r}", "every scale must be finite and > 0")
+    if not np.all(_normal_f32(s)):
+        _fail(path, f"tensor {name + '.weight_scale'!r}",
+              "every scale must be finite and > 0 (a normal float32, >= 2**-126)")
+    return s
 
 
 def _check_acc(path, name, bias, w, zx):
@@ -292,11 +415,12 @@ def pointwise_weight(mf_or_arrays, node: Node) -> np.ndarray:
     return w
 
 
-def _validate_graph(path, graph, arrays, in_shape, in_zp):
+def _validate_graph(path, graph, arrays, in_shape, in_qp):
+    from . import quant
     if not graph:
         _fail(path, "graph", "is empty")
     shapes = {"input": in_shape}
-    zps = {"input": in_zp}
+    qps = {"input": in_qp}                  # (scale, zero point) of every value
     used: set = set()
     nodes = []
     for i, raw in enumerate(graph):
@@ -304,13 +428,13 @@ def _validate_graph(path, graph, arrays, in_shape, in_zp):
             _fail(path, f"graph node #{i}", "is not a JSON object")
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME.match(name) or name == "input":
-            _fail(path, f"graph node #{i}", f"invalid name {name!r}")
+            _fail(path, f"graph node #{i}", f"invalid name {_show(name)}")
         where = f"node {name!r}"
         if name in shapes:
             _fail(path, where, "duplicate node name")
         op = raw.get("op")
         if op not in OPS:
-            _fail(path, where, f"unknown op {op!r} (supported: {', '.join(OPS)})")
+            _fail(path, where, f"unknown op {_show(op)} (supported: {', '.join(OPS)})")
         inputs = raw.get("inputs")
         attrs = raw.get("attrs", {})
         if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
@@ -322,13 +446,17 @@ def _validate_graph(path, graph, arrays, in_shape, in_zp):
             _fail(path, where, f"op {op!r} takes {arity} input(s), got {len(inputs)}")
         for s in inputs:
             if s not in shapes:
-                _fail(path, where, f"input {s!r} is not the graph input or an earlier node")
+                _fail(path, where, f"input {_show(s)} is not the graph input or an earlier node")
+        if "input" in inputs and op != "conv2d":
+            # the fast runner keeps the image unpadded (3 channels) for the stem's im2col;
+            # every other kernel reads channel-padded buffers
+            _fail(path, where, f"op {op!r} cannot read the graph input (only conv2d can)")
         if op != "linear" and i == len(graph) - 1:
             _fail(path, where, "the last node must be the 'linear' classifier")
         if op == "linear" and i != len(graph) - 1:
             _fail(path, where, "'linear' must be the last node")
         h, w_, c = shapes[inputs[0]]
-        zx = zps[inputs[0]]
+        s_in, zx = qps[inputs[0]]
 
         if op in ("conv2d", "depthwise"):
             k = _num(path, where, attrs, "kernel", 1, 7, True)
@@ -337,31 +465,33 @@ def _validate_graph(path, graph, arrays, in_shape, in_zp):
                 _fail(path, where, f"'kernel' must be odd, got {k}")
             pad = _choice(path, where, attrs, "padding", PADDINGS)
             _choice(path, where, attrs, "activation", ACTIVATIONS)
-            from .quant import conv_padding
-            ho = conv_padding(pad, h, k, st)[0]
-            wo = conv_padding(pad, w_, k, st)[0]
+            ho = quant.conv_padding(pad, h, k, st)[0]
+            wo = quant.conv_padding(pad, w_, k, st)[0]
             if ho < 1 or wo < 1:
                 _fail(path, where, f"output would be empty for a {h}x{w_} input")
             if op == "conv2d":
-                cin = _num(path, where, attrs, "cin", 1, 65536, True)
-                cout = _num(path, where, attrs, "cout", 1, 65536, True)
+                cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
+                cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
                 if cin != c:
                     _fail(path, where, f"cin={cin} but its input has {c} channels")
+                _check_im2col(path, where, k, cin, ho, wo)
                 wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, k, k, cin))
             else:
-                cout = _num(path, where, attrs, "channels", 1, 65536, True)
+                cout = _num(path, where, attrs, "channels", 1, MAX_CHANNELS, True)
                 if cout != c:
                     _fail(path, where, f"channels={cout} but its input has {c} channels")
                 wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (k, k, cout))
                 wt = np.moveaxis(wt, 2, 0)
             b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            _weight_scale(path, arrays, used, name, cout)
-            _qparams(path, arrays, used, name)
+            s_w = _weight_scale(path, arrays, used, name, cout)
+            qps[name] = _qparams(path, arrays, used, name)
             _check_acc(path, name, b, wt, zx)
+            _check_multiplier(path, where, "requantization multiplier", quant.requant_multiplier,
+                              s_in, s_w, qps[name][0])
             out = (ho, wo, cout)
         elif op == "pointwise":
-            cin = _num(path, where, attrs, "cin", 1, 65536, True)
-            cout = _num(path, where, attrs, "cout", 1, 65536, True)
+            cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
+            cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
             kind = _choice(path, where, attrs, "weight", WEIGHT_TYPES)
             _choice(path, where, attrs, "activation", ACTIVATIONS)
             if cin != c:
@@ -381,7 +511,8 @@ def _validate_graph(path, graph, arrays, in_shape, in_zp):
                     idx = arrays.get(f"{name}.int8_channels")
                     n = 0 if idx is None or idx.ndim != 1 else idx.shape[0]
                     idx = _expect(path, arrays, used, f"{name}.int8_channels", np.int32, (n,))
-                    if n and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= cout):
+                    if n and (np.any(idx < 0) or np.any(idx >= cout)       # int64: no wrap
+                              or np.any(np.diff(idx.astype(np.int64)) <= 0)):
                         _fail(path, f"tensor {name + '.int8_channels'!r}",
                               f"must be strictly increasing indices in [0, {cout})")
                     _expect(path, arrays, used, f"{name}.weight_int8", np.int8, (n, cin))
@@ -390,34 +521,44 @@ def _validate_graph(path, graph, arrays, in_shape, in_zp):
                               "rows listed in int8_channels must hold zero codes")
                 wt = pointwise_weight(arrays, Node(name, op, tuple(inputs), attrs))
             b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            _weight_scale(path, arrays, used, name, cout)
-            _qparams(path, arrays, used, name)
+            s_w = _weight_scale(path, arrays, used, name, cout)
+            qps[name] = _qparams(path, arrays, used, name)
             _check_acc(path, name, b, wt, zx)
+            _check_multiplier(path, where, "requantization multiplier", quant.requant_multiplier,
+                              s_in, s_w, qps[name][0])
             out = (h, w_, cout)
         elif op == "add":
             _choice(path, where, attrs, "activation", ACTIVATIONS)
             if shapes[inputs[0]] != shapes[inputs[1]]:
                 _fail(path, where, f"operand shapes differ: {list(shapes[inputs[0]])} vs "
                       f"{list(shapes[inputs[1]])}")
-            _qparams(path, arrays, used, name)
+            qps[name] = _qparams(path, arrays, used, name)
+            _check_multiplier(path, where, "operand multiplier", quant.add_multipliers,
+                              qps[inputs[0]][0], qps[inputs[1]][0], qps[name][0])
             out = (h, w_, c)
         elif op == "global_avg_pool":
-            _qparams(path, arrays, used, name)
+            if 255 * h * w_ > INT32_MAX:
+                _fail(path, where, f"a sum over {h}x{w_} pixels can overflow the int32 accumulator")
+            qps[name] = _qparams(path, arrays, used, name)
+            _check_multiplier(path, where, "pooling multiplier", quant.pool_multiplier,
+                              s_in, qps[name][0], h * w_)
             out = (1, 1, c)
         else:  # linear
-            cin = _num(path, where, attrs, "cin", 1, 65536, True)
-            cout = _num(path, where, attrs, "cout", 1, 65536, True)
+            cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
+            cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
             if (h, w_) != (1, 1):
                 _fail(path, where, f"input must be 1x1 spatially (pooled), got {h}x{w_}")
             if cin != c:
                 _fail(path, where, f"cin={cin} but its input has {c} channels")
             wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, cin))
             b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            _weight_scale(path, arrays, used, name, cout)
+            s_w = _weight_scale(path, arrays, used, name, cout)
             _check_acc(path, name, b, wt, zx)
+            _check_multiplier(path, where, "logit scale", quant.logit_scale, s_in, s_w)
             out = (1, 1, cout)
-        if op != "linear":
-            zps[name] = int(arrays[f"{name}.output_zero_point"][0])
+        if out[0] * out[1] * out[2] > MAX_VALUES:
+            _fail(path, where, f"output {out[0]}x{out[1]}x{out[2]} has more than {MAX_VALUES} "
+                  "values")
         shapes[name] = out
         nodes.append(Node(name, op, tuple(inputs), attrs, out))
     return nodes, used

@@ -357,6 +357,8 @@ def _build(mf: ModelFile, kernels: str):
             pt, pl, ho, wo = padding_of(node, s.h, s.w)
             wt, b = mf.tensor(node, "weight"), mf.tensor(node, "bias")
             if node.op == "conv2d":
+                if s.cp != s.c:     # reads a channel-padded buffer: zero weights for the padding
+                    wt = np.pad(wt, ((0, 0), (0, 0), (0, 0), (0, s.cp - s.c)))
                 plan = make_conv(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo,
                                  int8_impl(kernels))
                 layers.append(Conv(src, i + 1, s, plan))
@@ -364,10 +366,7 @@ def _build(mf: ModelFile, kernels: str):
                 plan = make_depthwise(wt, b, zx, mult, zp, lo, hi, a["stride"], pt, pl, s.h, s.w, ho, wo)
                 layers.append(Depthwise(src, i + 1, s, out, plan,
                                         scratch_slot(mf.graph) if plan.padded else -1))
-        elif node.op == "pointwise":
-            if src == 0:
-                raise ValueError(f"{mf.path}: node {node.name!r}: a pointwise conv on the raw "
-                                 "graph input is not supported")
+        elif node.op == "pointwise":     # (never on the graph input: read_model refuses that)
             mult, zp, lo, hi = requant_params(mf, node)
             plan = make_pointwise(pointwise_weight(mf, node), mf.tensor(node, "bias"), zx, mult, zp,
                                   lo, hi, pointwise_impl(kernels, a["weight"]))

@@ -1,6 +1,7 @@
 """Model file format v1: ternary packing and the validating loader."""
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,9 +9,10 @@ from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 from safetensors.numpy import save_file
 
-from ternet.format import (ModelFormatError, pack_ternary, read_model, unpack_ternary,
-                           write_model)
-from tiny_model import make_tiny_model, tiny_graph
+import ternet
+from ternet.format import (MAX_HEADER_BYTES, ModelFormatError, pack_ternary, read_model,
+                           unpack_ternary, write_model)
+from tiny_model import builder, make_tiny_model, specs, tiny_graph
 
 
 # ------------------------------------------------------------------ 2-bit packing
@@ -118,6 +120,34 @@ def _del(name):
     return f
 
 
+def _spec(key, **changes):
+    """Change entries of the JSON object in metadata key `key`."""
+    def f(g, t, m):
+        m[key] = json.dumps(dict(json.loads(m[key]), **changes))
+    return f
+
+
+def _scale(name, value):
+    """Set every element of the float32 scale tensor `name` to value."""
+    def f(g, t, m):
+        t[name] = np.full_like(t[name], value)
+    return f
+
+
+def _both(first, second):
+    def f(g, t, m):
+        first(g, t, m)
+        second(g, t, m)
+    return f
+
+
+def _duplicate_scale(g, t, m):
+    m["ternet.input"] = m["ternet.input"].replace('"scale": ', '"scale": 1.0, "scale": ', 1)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
 CASES = {
     "no format tag": (_set("format", "pt"), "not a ternet model file"),
     "newer version": (_set("ternet.format_version", "2"), "version 2"),
@@ -151,6 +181,40 @@ CASES = {
         dict(json.loads(m["ternet.preprocess"]), crop=224))}), "crop 224"),
     "hybrid rows": (_tensor("b1.project.int8_channels", np.array([3, 1], np.int32)),
                     "strictly increasing"),
+    # issue 16: each of these escaped as another exception, or was silently accepted
+    "deep metadata json": (_set("ternet.provenance", DEEP), "nested deeper than 32"),
+    "deep graph json": (_set("ternet.graph", DEEP), "nested deeper than 32"),
+    "big int graph attr": (_graph(lambda g, t: _node(g, "b1.dw")["attrs"].update(kernel=2**64)),
+                           "'kernel' = 18446744073709551616 out of range"),
+    "big int input spec": (_spec("ternet.input", height=2**64), "'height' = 1844674407370955"),
+    "big int input scale": (_spec("ternet.input", scale=2**128), "'scale' = 3402823669209384"),
+    "big int preprocess": (_spec("ternet.preprocess", mean=[2**130, 0, 0]), "'mean' values"),
+    "non-ascii version digit": (_set("ternet.format_version", "\u00b2"), "ASCII digits"),
+    "non-ascii version digits": (_set("ternet.format_version", "1\u0661"), "ASCII digits"),
+    "nan json constant": (_spec("ternet.input", scale=float("nan")), "NaN is not a JSON number"),
+    "infinity json constant": (_spec("ternet.preprocess", std=[float("inf")] * 3),
+                               "Infinity is not a JSON number"),
+    "duplicate json key": (_duplicate_scale, "duplicate key 'scale'"),
+    "input scale 0 in float32": (_spec("ternet.input", scale=1e-300),
+                                 "'scale' = 1e-300 out of range"),
+    "std 0 in float32": (_spec("ternet.preprocess", std=[0.2, 1e-300, 0.2]), "'std' values"),
+    "subnormal weight scale": (_scale("b1.dw.weight_scale", 1e-40), "normal float32"),
+    "subnormal output scale": (_scale("b1.dw.output_scale", 1e-40), "normal float32"),
+    # legal scales whose float32 multipliers are not (the VNNI plan raised a ValueError)
+    "requant multiplier inf": (_both(_scale("head.weight_scale", 3e38),
+                                     _scale("head.output_scale", 1e-3)),
+                               "'head': requantization multiplier inf"),
+    "requant multiplier subnormal": (_scale("stem.output_scale", 3e38),
+                                     r"'stem': requantization multiplier \S+ \(float32\)"),
+    "requant multiplier > 2**64": (_scale("b0.dw.weight_scale", 1e25), "requantization multiplier"),
+    "add multiplier": (_scale("b1.add.output_scale", 1.2e-38), "'b1.add'.*operand multiplier"),
+    "pool multiplier": (_scale("pool.output_scale", 1.2e-38), "'pool'.*pooling multiplier"),
+    "logit scale": (_scale("fc.weight_scale", 3e38), "'fc'.*logit scale inf"),
+    "hybrid index wraps int32": (_tensor("b1.project.int8_channels",
+                                         np.array([1, 2, -2**31], np.int32)),
+                                 "strictly increasing"),
+    "channel limit": (_graph(lambda g, t: _node(g, "b1.expand")["attrs"].update(cout=16385)),
+                      "'cout' = 16385 out of range"),
 }
 
 
@@ -178,6 +242,114 @@ def test_loader_rejects_truncated(tmp_path):
     p.write_bytes(data[: len(data) - 100])
     with pytest.raises(ModelFormatError, match="not a readable"):
         read_model(p)
+
+
+# ------------------------------------------------------------------ the safetensors header itself
+
+def _with_header(path, edit):
+    """A valid tiny model whose safetensors header text is replaced by edit(text)."""
+    data = make_tiny_model(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    enc = edit(data[8:8 + n].decode()).encode("utf-8", "surrogateescape")
+    path.write_bytes(len(enc).to_bytes(8, "little") + enc + data[8 + n:])
+    return path
+
+
+def _repeat_entry(name):
+    def edit(text):
+        m = re.search(r'"' + re.escape(name) + r'":\{[^}]*\}', text)
+        return text[:m.end()] + "," + m.group() + text[m.end():]
+    return edit
+
+
+HEADER_CASES = {
+    "repeated metadata key": (
+        lambda t: t.replace('"format":"ternet"', '"format":"pt","format":"ternet"'),
+        "duplicate key 'format'"),
+    "repeated tensor entry": (_repeat_entry("fc.bias"), "duplicate key 'fc.bias'"),
+    "repeated __metadata__": (lambda t: '{"__metadata__":{},' + t[1:],
+                              "duplicate key '__metadata__'"),
+    "deep nesting": (lambda t: t[:-1] + ',"x":' + DEEP + "}", "header: JSON nested deeper than 32"),
+    "not utf-8": (lambda t: t.replace("class_0", "class_\udcff"), "header is not valid UTF-8"),
+    "not an object": (lambda t: "[" + t + "]", "header is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_loader_rejects_malformed_header(tmp_path, case):
+    edit, pattern = HEADER_CASES[case]
+    path = _with_header(tmp_path / "m.safetensors", edit)
+    with pytest.raises(ModelFormatError, match=pattern) as e:
+        read_model(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_loader_bounds_the_header_length(tmp_path):
+    p = tmp_path / "m.safetensors"
+    p.write_bytes((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ModelFormatError, match=f"exceeds the limit of {MAX_HEADER_BYTES} bytes"):
+        read_model(p)
+
+
+def test_big_integers_in_range_are_numbers(tmp_path):
+    """A JSON integer >= 2**64 is a number like any other (it was a TypeError): in range, kept."""
+    path = _write_raw(tmp_path / "m.safetensors", _spec("ternet.preprocess", mean=[2**64, 0, 0]))
+    assert read_model(path).preprocess["mean"] == [2**64, 0, 0]
+
+
+# ------------------------------------------------------------------ graphs the runner can't take
+
+def _write_built(path, b, size, classes=4):
+    """Write the graph built on tiny_model.builder(size) as is, bypassing validation."""
+    inp, pre = specs(b, size)
+    labels = [str(i) for i in range(classes)]
+    save_file(b.tensors, str(path), metadata=_meta(b.graph, inp, pre, labels))
+    return path
+
+
+RAW_INPUT = {   # op -> (graph up to the classifier's input, input size)
+    "depthwise": (lambda b: b.gap("pool", b.dw("d", "input", 3, 1, "same", "relu")), 9),
+    "pointwise": (lambda b: b.gap("pool", b.pw("p", "input", 8, "ternary", "relu")), 9),
+    "add": (lambda b: b.gap("pool", b.add("a", "input",
+                                          b.conv("c", "input", 3, 3, 1, "same", "none"))), 9),
+    "global_avg_pool": (lambda b: b.gap("pool", "input"), 9),
+    "linear": (lambda b: "input", 1),
+}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+@pytest.mark.parametrize("op", sorted(RAW_INPUT))
+def test_only_conv2d_reads_the_graph_input(tmp_path, op, kernels):
+    """Valid before issue 16 but refused by the fast runner (ValueError at load or predict):
+    now refused by the loader, on both runners alike, as docs/format.md says."""
+    build, size = RAW_INPUT[op]
+    b = builder(size)
+    b.linear("fc", build(b), 4)
+    path = _write_built(tmp_path / "m.safetensors", b, size)
+    with pytest.raises(ModelFormatError, match=f"op '{op}' cannot read the graph input"):
+        ternet.load(path, kernels=kernels)
+
+
+LIMITS = {      # (graph up to the classifier's input, input size, message)
+    "pool accumulator": (lambda b: b.gap("pool", b.conv("c", "input", 1, 1, 1, "same", "none")),
+                         4096, "'pool': a sum over 4096x4096 pixels can overflow"),
+    "activation size": (lambda b: b.gap("pool", b.conv("c", "input", 16, 1, 1, "same", "none")),
+                        4096, "'c': output 4096x4096x16 has more than 67108864 values"),
+    "im2col size": (lambda b: b.gap("pool", b.conv("c", "input", 1, 3, 1, "same", "none")),
+                    4096, r"'c': its im2col matrix \(4096x4096 x 27\)"),
+    "conv2d depth": (lambda b: b.gap("pool", b.conv("c1", b.conv("c0", "input", 335, 1, 1, "same",
+                                                                 "none"), 1, 7, 1, "same", "none")),
+                     9, "'c1': kernel 7x7 x cin 335 = 16415 exceeds 16384"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+def test_loader_enforces_documented_limits(tmp_path, case):
+    build, size, pattern = LIMITS[case]
+    b = builder(size)
+    b.linear("fc", build(b), 4)
+    with pytest.raises(ModelFormatError, match=pattern):
+        read_model(_write_built(tmp_path / "m.safetensors", b, size))
 
 
 def test_missing_file(tmp_path):

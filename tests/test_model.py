@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import ternet
-from ternet.format import read_model
+from ternet.format import read_model, write_model
 from ternet.reference import run_reference
-from tiny_model import make_tiny_model
+from tiny_model import builder, make_tiny_model, specs
 
 GOLDEN = Path(__file__).parent / "data" / "tiny_golden.npz"
 
@@ -37,6 +37,25 @@ def test_runner_equals_reference(tiny, impl):
     assert got.dtype == np.float32 and got.shape == (3, 10)
     np.testing.assert_array_equal(got, ref)
     assert np.ptp(ref) > 0          # logits actually vary: the test is not trivially passing
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("channels", [20, 16])
+def test_conv2d_after_another_layer(tmp_path, impl, channels):
+    """A k x k conv2d reading a channel-padded node's output (20 channels in a 32-wide buffer;
+    16 needs no padding) equals the reference (it was a ValueError on the fast path)."""
+    b = builder(9)
+    x = b.conv("c0", "input", channels, 3, 1, "same", "relu")
+    x = b.conv("c1", x, 8, 3, 2, "symmetric", "relu6")
+    b.linear("fc", b.gap("pool", x), 4)
+    inp, pre = specs(b, 9)
+    path = tmp_path / "m.safetensors"
+    write_model(path, arch="t", graph=b.graph, tensors=b.tensors, input_spec=inp, preprocess=pre,
+                labels=list("abcd"), provenance={"producer": "test"})
+    x = np.random.default_rng(2).integers(0, 256, (3, 9, 9, 3), dtype=np.uint8)
+    ref = run_reference(read_model(path), x)
+    np.testing.assert_array_equal(ternet.load(path, kernels=impl).predict(x), ref)
+    assert np.ptp(ref) > 0
 
 
 def test_batch_size_and_threads_invariant(tiny):

@@ -127,11 +127,21 @@ def tiny_graph(seed: int = 0, size: int = 33, classes: int = 10, padding: str = 
     x = b.pw("head", x, 50, "ternary", "relu6")
     x = b.gap("pool", x)
     b.linear("fc", x, classes)
+    return (b.graph, b.tensors) + specs(b, size)
+
+
+def specs(b: _Builder, size: int):
+    """(input_spec, preprocess) of a builder's graph on size x size images."""
     input_spec = dict(height=size, width=size, channels=3, layout="NHWC", dtype="uint8",
                       scale=b.qp["input"][0], zero_point=b.qp["input"][1])
     pre = dict(resize=size + 4, crop=size, interpolation="bilinear", mean=[0.485, 0.456, 0.406],
                std=[0.229, 0.224, 0.225], colour="RGB")
-    return b.graph, b.tensors, input_spec, pre
+    return input_spec, pre
+
+
+def builder(size: int, seed: int = 0) -> _Builder:
+    """An empty graph on size x size images, to build a small special-purpose model with."""
+    return _Builder(np.random.default_rng(seed), size, size)
 
 
 def make_tiny_model(path, seed: int = 0, size: int = 33, classes: int = 10, padding: str = "same"):
