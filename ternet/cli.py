@@ -108,11 +108,14 @@ def _load_model(name: str | None, threads=None, kernels="auto"):
     """Load a model or raise CliError with one line naming the file and the reason."""
     import ternet
     from .catalog import default_model
+    from .errors import SettingError
     from .format import ModelFormatError
 
     name = name or default_model()
     try:
         return ternet.load(name, threads=threads, kernels=kernels)
+    except SettingError as e:                 # e.g. TERNET_NUM_THREADS=0: a usage error
+        raise CliError(str(e), code=2) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError, ModelFormatError) as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -453,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ternet", description="CPU inference for PROM-quantized CNNs (ternary pointwise "
         "convolutions, int8 elsewhere).",
         epilog="Environment: TERNET_MODEL, TERNET_NUM_THREADS, NUMBA_CACHE_DIR (compiled kernel "
-               "cache), TERNET_DEBUG=1 (tracebacks).")
+               "cache), TERNET_CACHE_DIR and TERNET_PLAN_CACHE_MB (frozen plans), TERNET_DEBUG=1 "
+               "(tracebacks).")
     parser.add_argument("--version", action="version", version=f"ternet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -276,22 +276,24 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
     return plan
 
 
-KEEP = 24          # frozen plans kept in the cache; older ones (by last write) are deleted
-
-
 def _write(key: str, meta: dict, blob: bytes) -> None:
+    """Store the plan, then evict least recently used plans beyond the cache limit (stale
+    plans of other ternet or numba versions and of edited model files would pile up otherwise).
+    A plan bigger than the whole limit is not stored: it would only evict everything else."""
+    data = json.dumps(meta).encode()
+    limit = frozen.cache_limit()
+    if len(blob) + len(data) > limit:
+        return
     meta_path, blob_path = frozen.paths(key)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in ((blob_path, blob), (meta_path, json.dumps(meta).encode())):
+    # the .json last: its presence marks the plan complete
+    for path, content in ((blob_path, blob), (meta_path, data)):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    # stale plans (other ternet/numba versions, edited model files) would pile up otherwise
-    plans = sorted(meta_path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in plans[KEEP:]:
-        for p in (old, old.with_suffix(".bin")):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    frozen.evict(limit, keep=key)

@@ -11,23 +11,28 @@ kernel through ctypes, copy the logits out.
 
 A record is only written after it reproduced the numba path's logits bit for bit, and it is
 keyed by everything the machine code depends on (ternet's sources, numba and llvmlite versions,
-Python, the CPU name and features, the model file's path, size and mtime, the kernel choice and
-the batch size). Only single-threaded runs are frozen (parallel kernels need numba's threading
+Python, the CPU name and features, a hash of the model's content, the kernel choice and the
+batch size). Only single-threaded runs are frozen (parallel kernels need numba's threading
 layer); with several threads and several images, `Model` runs one frozen plan instance per
-thread on its share of the images instead. `TERNET_FROZEN=0` turns the mechanism off.
+thread on its share of the images instead. `TERNET_FROZEN=0` turns the mechanism off. The
+stored plans are capped in size (`cache_limit`); the least recently used go first.
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import glob
 import hashlib
 import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+
+from .cachedir import plans_dir
 
 FORMAT = 1
 ALIGN = 64
@@ -51,11 +56,7 @@ def enabled(kernels: str) -> bool:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("TERNET_CACHE_DIR")
-    if env:
-        return Path(env) / "frozen"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ternet" / "frozen"
+    return plans_dir()
 
 
 _LLVM = None
@@ -87,22 +88,95 @@ def _stamps() -> list[str]:
     return out
 
 
-def plan_key(model_path: str, kernels: str, n: int) -> str:
-    """Hash of everything a frozen plan's machine code and memory snapshot depend on."""
+def model_digest(model) -> str:
+    """SHA-256 of a model's content: every field of its ModelFile except the path, tensors by
+    name, dtype, shape and bytes. `model`: a loaded ModelFile, or a model file path (read).
+
+    Plans are keyed by what was loaded, not by the file's name, size or times: a file replaced by
+    another of the same size with its mtime restored (`cp -p`, `rsync -t`, `tar -x`) gets a plan
+    of its own, and there is no window between reading the weights and hashing them. Costs about
+    2 ms for a 5 MB model (docs/cli.md), computed once per `Model`."""
+    from .format import ModelFile, read_model
+    mf = model if isinstance(model, ModelFile) else read_model(model)
+    h = hashlib.sha256()
+    for f in dataclasses.fields(mf):
+        value = getattr(mf, f.name)
+        if f.name == "tensors":
+            for name in sorted(value):
+                a = np.ascontiguousarray(value[name])
+                h.update(json.dumps([name, a.dtype.str, a.shape]).encode())
+                h.update(a)
+        elif f.name != "path":
+            h.update(json.dumps([f.name, value], sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def plan_key(digest: str, kernels: str, n: int) -> str:
+    """Hash of everything a frozen plan's machine code and memory snapshot depend on; `digest`
+    is the model's `model_digest`."""
     from . import __version__
     ll = _llvm()
     import llvmlite
-    st = os.stat(model_path)
     parts = [f"format {FORMAT}", __version__, sys.version, llvmlite.__version__,
              ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten(),
-             os.path.realpath(model_path), str(st.st_size), str(st.st_mtime_ns), kernels, str(n),
-             *_stamps()]
+             digest, kernels, str(n), *_stamps()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def paths(key: str) -> tuple[Path, Path]:
     root = cache_root()
     return root / f"{key}.json", root / f"{key}.bin"
+
+
+# ---------------------------------------------------------------------------------- cache size
+
+CACHE_MB = 256          # default cap on the plans stored (TERNET_PLAN_CACHE_MB)
+ORPHAN_AGE_S = 600      # a lone .bin or .tmp file this old is left over from a crashed writer
+
+
+def cache_limit() -> int:
+    """Bytes the stored plans may take: `TERNET_PLAN_CACHE_MB` (a whole number, 0 stores no
+    plans), else CACHE_MB."""
+    from .errors import SettingError
+    env = os.environ.get("TERNET_PLAN_CACHE_MB", "").strip()
+    if not env:
+        return CACHE_MB << 20
+    if not (env.isascii() and env.isdigit()):
+        raise SettingError(f"TERNET_PLAN_CACHE_MB={env!r}: expected a whole number of megabytes")
+    return int(env) << 20
+
+
+def evict(limit: int, keep: str) -> None:
+    """Delete the least recently used plans (by their .json's mtime, which `load` renews) until
+    the rest fit in `limit` bytes; the plan `keep` (just written) stays."""
+    root = cache_root()
+    plans, now = [], time.time()
+    for meta in root.glob("*.json"):
+        try:
+            st = meta.stat()
+            plans.append((st.st_mtime_ns, st.st_size + meta.with_suffix(".bin").stat().st_size, meta))
+        except OSError:          # deleted meanwhile by another process, or half a plan
+            continue
+    plans.sort(key=lambda p: (p[2].stem != keep, -p[0]))     # keep, then newest first
+    total = 0
+    for _used, size, meta in plans:
+        total += size
+        if total > limit and meta.stem != keep:
+            _unlink(meta, meta.with_suffix(".bin"))      # the .json first: no half-plan is loaded
+    for p in [*root.glob("*.bin"), *root.glob(".tmp-*")]:
+        try:
+            if not p.with_suffix(".json").exists() and now - p.stat().st_mtime > ORPHAN_AGE_S:
+                p.unlink()
+        except OSError:
+            pass
+
+
+def _unlink(*files: Path) -> None:
+    for p in files:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -234,6 +308,10 @@ def load(key: str) -> FrozenPlan | None:
         return None
     if len(blob) != meta.get("blob_size") or hashlib.sha256(blob).hexdigest() != meta.get("blob_sha256"):
         return None                    # truncated or corrupted: record again
+    try:
+        os.utime(meta_path)            # most recently used: `evict` deletes it last
+    except OSError:
+        pass                           # e.g. a read-only cache: the plan is still good
     try:
         return FrozenPlan(meta, blob)
     except FrozenError:

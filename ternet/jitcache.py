@@ -10,25 +10,24 @@ file into the numba cache directory. Its name hashes everything numba's cache de
   which kernels get compiled.
 
 If the marker is missing the cache is taken as cold. Deleting the numba cache directory
-(`NUMBA_CACHE_DIR`, else `ternet/kernels/__pycache__`) deletes the markers with it. A wrong
-guess costs only a missing or superfluous notice.
+(`ternet.cachedir.numba_cache_dir()`: `NUMBA_CACHE_DIR`, else `~/.cache/ternet/numba`) deletes
+the markers with it. A wrong guess costs only a missing or superfluous notice.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import sys
 from pathlib import Path
+
+from .cachedir import numba_cache_dir
 
 _PREFIX = "ternet-warm-"
 
 
 def cache_dir() -> Path:
     """Where numba writes ternet's kernel cache (and so where the markers live)."""
-    from . import kernels    # importing it redirects NUMBA_CACHE_DIR if the package is read-only
-    env = os.environ.get("NUMBA_CACHE_DIR")
-    return Path(env) if env else Path(kernels.__file__).resolve().parent / "__pycache__"
+    return numba_cache_dir()
 
 
 def _cpu_name() -> str:

@@ -6,13 +6,16 @@ Buffers are reused by liveness, so a network needs only a few of them.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
 from . import frozen
+from .errors import SettingError
 from .format import ModelFile, pointwise_weight, read_model
 from .kernels.layout import pad_to, rows_for
 from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, PointwiseAdd, Shape
@@ -61,9 +64,41 @@ def _debug_note(msg: str) -> None:
 
 
 def default_threads() -> int:
-    """TERNET_NUM_THREADS, else 1: on a busy machine 2-thread regions stall (kernels.md 3.2)."""
-    env = os.environ.get("TERNET_NUM_THREADS")
-    return int(env) if env else 1
+    """TERNET_NUM_THREADS, else 1: on a busy machine 2-thread regions stall (kernels.md 3.2).
+    SettingError if it is set to anything but a positive integer."""
+    env = os.environ.get("TERNET_NUM_THREADS", "").strip()
+    if not env:
+        return 1
+    if not (env.isascii() and env.isdigit() and int(env) > 0):
+        raise SettingError(f"TERNET_NUM_THREADS={env!r}: expected a positive integer")
+    return int(env)
+
+
+def checked_threads(threads):
+    """`threads` as given to `load`: None (TERNET_NUM_THREADS, else 1) or a positive integer."""
+    if threads is None:
+        default_threads()                        # a bad TERNET_NUM_THREADS fails now, not later
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise SettingError(f"threads={threads!r}: expected a positive integer, or None for "
+                           "$TERNET_NUM_THREADS, else 1")
+    return int(threads)
+
+
+# Models alive in this process, for the fork handler below.
+_MODELS: "weakref.WeakSet[Model]" = weakref.WeakSet()
+
+
+def _reset_models_in_child() -> None:
+    """A forked child inherits each model's lock (perhaps held by a parent thread that does not
+    exist in the child) and its thread pool (whose threads do not exist either: a job sent to it
+    would never run). Give every model a fresh lock and pool. Runs before any child thread."""
+    for m in list(_MODELS):
+        m._lock = threading.Lock()
+        m._pool = None
+
+
+os.register_at_fork(after_in_child=_reset_models_in_child)
 
 
 def scratch_slot(graph) -> int:
@@ -80,13 +115,17 @@ class Model:
             raise ValueError(f"kernels={kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
         self.file = mf
         self.kernels = kernels
-        self.threads = threads
+        self.threads = checked_threads(threads)
+        if frozen.enabled(kernels):
+            frozen.cache_limit()                 # a bad TERNET_PLAN_CACHE_MB fails now
         self._lock = threading.Lock()
+        self._digest = None                      # frozen.model_digest(mf), once needed
         self._views: dict[int, list] = {}
         self._frozen: dict[int, object] = {}     # batch size -> FrozenPlan, or False: use numba
         self._workers: dict[tuple, object] = {}  # (batch size, worker) -> FrozenPlan for threads > 1
         self._padded: set = set()                # batch sizes once run padded into a bigger plan
         self._pool = None
+        _MODELS.add(self)
         self._built = None
         if kernels == "reference":
             self._built = ([], [], [], set())
@@ -183,7 +222,7 @@ class Model:
                 plan = base
             else:                                      # each worker needs its own buffers
                 try:
-                    plan = frozen.load(frozen.plan_key(self.path, self.kernels, n)) or False
+                    plan = frozen.load(self._plan_key(n)) or False
                 except (OSError, frozen.FrozenError):
                     plan = False
             self._workers[key] = plan
@@ -196,9 +235,15 @@ class Model:
     def _frozen_available(self, n: int) -> bool:
         try:
             return (frozen.enabled(self.kernels) and self._threads() == 1 and bool(self.path)
-                    and frozen.exists(frozen.plan_key(self.path, self.kernels, n)))
+                    and frozen.exists(self._plan_key(n)))
         except (OSError, frozen.FrozenError):
             return False
+
+    def _plan_key(self, n: int) -> str:
+        """The frozen plan key for n images; the model's content is hashed once."""
+        if self._digest is None:
+            self._digest = frozen.model_digest(self.file)
+        return frozen.plan_key(self._digest, self.kernels, n)
 
     def _forward_frozen(self, x, logits, pad_ok: bool = True):
         """Replay the frozen plan for this batch size; without one, run numba and freeze it."""
@@ -207,7 +252,7 @@ class Model:
         if plan is None:
             plan = False
             try:
-                key = frozen.plan_key(self.path, self.kernels, n)
+                key = self._plan_key(n)
                 plan = frozen.load(key)
             except (OSError, frozen.FrozenError) as e:
                 _debug_note(f"frozen plan not loaded: {e}")

@@ -2,6 +2,7 @@
 used by a fresh process without importing numba, and anything wrong with it falls back to numba."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 import ternet
 from ternet import frozen
+from ternet.errors import SettingError
 from ternet.format import read_model
 from ternet.reference import run_reference
 from tiny_model import make_tiny_model
@@ -90,8 +92,9 @@ def test_model_change_invalidates(tiny, cache, tmp_path):
     ref2 = run_reference(read_model(p2), x[:1])
     np.testing.assert_array_equal(ternet.load(p2).predict(x[:1]), ref2)
     assert len(_plans(cache)) == 2
-    assert frozen.plan_key(str(path), "auto", 1) != frozen.plan_key(str(p2), "auto", 1)
-    assert frozen.plan_key(str(path), "auto", 1) != frozen.plan_key(str(path), "addonly", 1)
+    d1, d2 = frozen.model_digest(path), frozen.model_digest(p2)
+    assert frozen.plan_key(d1, "auto", 1) != frozen.plan_key(d2, "auto", 1)
+    assert frozen.plan_key(d1, "auto", 1) != frozen.plan_key(d1, "addonly", 1)
 
 
 def test_disabled_and_threads(tiny, cache, monkeypatch):
@@ -127,3 +130,81 @@ def test_partial_batch_reuses_a_bigger_loaded_plan(tiny, cache):
     assert len(_plans(cache)) == 2
     np.testing.assert_array_equal(m.predict(x[2:]), ref[2:])      # 1 image: 2 <= 2 x 1, padded
     assert len(_plans(cache)) == 2
+
+
+def test_replaced_file_with_same_size_and_mtime_gets_its_own_plan(tiny, cache, tmp_path):
+    """Regression: plans were keyed by path, size and mtime, so a model file overwritten in place
+    by another of the same size, its mtime restored (cp -p, rsync -t), replayed the old weights."""
+    path, x, ref_old = tiny
+    new = make_tiny_model(tmp_path / "new.safetensors", seed=11)
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(path.read_bytes())
+    before = target.stat()
+    np.testing.assert_array_equal(ternet.load(target).predict(x[:1]), ref_old[:1])   # recorded
+    with open(target, "r+b") as f:                         # in place: same inode
+        f.write(new.read_bytes())
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == \
+        (before.st_size, before.st_mtime_ns, before.st_ino)
+    ref_new = run_reference(read_model(new), x[:1])
+    assert not np.array_equal(ref_new, ref_old[:1])
+    np.testing.assert_array_equal(ternet.load(target).predict(x[:1]), ref_new)
+    assert len(_plans(cache)) == 2
+    np.testing.assert_array_equal(ternet.load(target).predict(x[:1]), ref_new)   # replayed
+
+
+def test_model_digest_is_the_content_not_the_path(tiny, tmp_path):
+    path, _, _ = tiny
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    assert frozen.model_digest(copy) == frozen.model_digest(read_model(path))
+    assert frozen.model_digest(make_tiny_model(tmp_path / "o.safetensors", seed=11)) != \
+        frozen.model_digest(path)
+
+
+def _fake_plan(root: Path, key: str, size: int, used_ns: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{key}.bin").write_bytes(b"\0" * (size - 2))
+    (root / f"{key}.json").write_bytes(b"{}")
+    os.utime(root / f"{key}.json", ns=(used_ns, used_ns))
+
+
+def test_evict_deletes_least_recently_used_first(cache):
+    """Five 100-byte plans, used in the order a..e; a limit of 300 bytes keeps the three most
+    recently used, and always the plan just written, however old its timestamp."""
+    t0 = 1_700_000_000 * 10**9
+    for i, key in enumerate("abcde"):
+        _fake_plan(cache, key, 100, t0 + i * 10**9)
+    frozen.evict(300, keep="a")
+    assert [p.stem for p in _plans(cache)] == ["a", "d", "e"]
+    assert sorted(p.stem for p in cache.glob("*.bin")) == ["a", "d", "e"]
+
+
+def test_loading_a_plan_marks_it_used_and_the_cap_is_kept(tiny, cache, monkeypatch):
+    path, x, ref = tiny
+    ternet.load(path).predict(x[:1])
+    (meta,) = _plans(cache)
+    os.utime(meta, ns=(0, 0))
+    np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])     # replayed
+    assert meta.stat().st_mtime_ns > 0
+    monkeypatch.setenv("TERNET_PLAN_CACHE_MB", "1")
+    m = ternet.load(path)
+    recorded, xx, refs = [], np.concatenate([x, x]), np.concatenate([ref, ref])
+    for n in (1, 3, 6):                    # 0.3-0.8 MB each: they do not all fit
+        np.testing.assert_array_equal(m.predict(xx[:n]), refs[:n])
+        recorded.append(frozen.paths(m._plan_key(n))[0])
+        sizes = [p.stat().st_size + p.with_suffix(".bin").stat().st_size for p in _plans(cache)]
+        assert sum(sizes) <= 1 << 20 and recorded[-1].exists()
+    assert not recorded[0].exists()        # the least recently used went first
+
+
+def test_plan_cache_setting(tiny, cache, monkeypatch):
+    path, x, ref = tiny
+    monkeypatch.setenv("TERNET_PLAN_CACHE_MB", "0")             # stores nothing, still correct
+    np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])
+    assert _plans(cache) == []
+    for bad in ("abc", "-1", "1.5"):
+        monkeypatch.setenv("TERNET_PLAN_CACHE_MB", bad)
+        with pytest.raises(SettingError, match=f"TERNET_PLAN_CACHE_MB='{re.escape(bad)}'"):
+            ternet.load(path)

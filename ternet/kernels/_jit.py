@@ -1,13 +1,16 @@
 """The one Numba decorator used by every kernel: lazy compile, on-disk cache, no fastmath.
 
 Importing this module imports numba but compiles nothing: kernels compile on first call and are
-cached (`cache=True`) in numba's cache directory, which `ternet.kernels` points at a writable
-user directory when the package directory is read-only.
+cached on disk in `ternet.cachedir.numba_cache_dir()` (the user cache directory, whatever numba's
+own default), never next to the sources: see `ternet.cachedir` for why.
 """
 import os
+import sys
 
 import numba
 import numpy as np
+
+from ..cachedir import numba_cache_dir
 
 # Bounds checking for debugging and CI (`NUMBA_BOUNDSCHECK=1` also works, globally).
 _BOUNDSCHECK = os.environ.get("TERNET_BOUNDSCHECK", "") == "1" or None
@@ -42,10 +45,31 @@ _keep_object_code()
 U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)
 
 
+_SERIAL_ONLY = False      # set in a child forked after numba started GNU OpenMP's threads
+
+
+def _after_fork_in_child() -> None:
+    """GNU OpenMP cannot run a parallel region in a process forked after it started: numba's
+    omp layer kills such a child (SIGTERM, "fork() called from a process already using GNU
+    OpenMP"). numba deems omp fork-safe everywhere but Linux. In such a child every kernel runs
+    its serial variant (`num_threads` answers 1): same results (kernels are deterministic across
+    thread counts), one core per layer."""
+    global _SERIAL_ONLY
+    from numba.np.ufunc import parallel
+    if (sys.platform.startswith("linux") and getattr(parallel, "_is_initialized", False)
+            and getattr(parallel, "_threading_layer", None) == "omp"):
+        _SERIAL_ONLY = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def num_threads() -> int:
     """numba.get_num_threads() without its per-call locking (~1 us instead of several, and the
     plans ask once per layer call): once the threading layer is up, read the thread-local count
-    through numba's own ctypes accessor."""
+    through numba's own ctypes accessor. 1 where parallel kernels must not run."""
+    if _SERIAL_ONLY:
+        return 1
     from numba.np.ufunc import parallel
     get = getattr(parallel, "_get_num_threads", None)
     if get is None or not getattr(parallel, "_is_initialized", False):
@@ -54,10 +78,67 @@ def num_threads() -> int:
     return n if n > 0 else numba.get_num_threads()
 
 
+def _user_dir_cache_class():
+    """numba's FunctionCache with a locator that always answers `numba_cache_dir()`.
+
+    numba picks a kernel's cache directory from its global config when the kernel is decorated:
+    `NUMBA_CACHE_DIR` as read when numba was first imported, else `__pycache__` next to the
+    source. Setting the variable ourselves would miss the case where numba was imported first
+    (and would move the user's own numba caches too), so ternet's kernels get a cache object of
+    their own. The classes are numba internals whose names changed across versions (0.59:
+    `_UserProvidedCacheLocator`): None if they are not found."""
+    from numba.core import caching
+    base = (getattr(caching, "UserProvidedCacheLocator", None)
+            or getattr(caching, "_UserProvidedCacheLocator", None))
+    impl = getattr(caching, "CompileResultCacheImpl", None)
+    cache = getattr(caching, "FunctionCache", None)
+    if base is None or impl is None or cache is None:
+        return None
+
+    class Locator(base):
+        def __init__(self, py_func, py_file):
+            super().__init__(py_func, py_file)
+            # one subdirectory per source directory, as numba does: installs never collide
+            self._cache_path = os.path.join(numba_cache_dir(), self.get_suitable_cache_subpath(py_file))
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return super(base, cls).from_function(py_func, py_file)   # skips base's CACHE_DIR test
+
+    class Impl(impl):
+        _locator_classes = [Locator]
+
+    class Cache(cache):
+        _impl_class = Impl
+
+    return Cache
+
+
+_USER_DIR_CACHE = _user_dir_cache_class() if _CACHE else None
+
+
+def _enable_cache(disp) -> None:
+    """Cache disp's compiled code on disk in the user cache directory."""
+    if _USER_DIR_CACHE is not None:
+        disp._cache = _USER_DIR_CACHE(disp.py_func)
+        return
+    # unknown numba internals: fall back to numba's global setting, pointed at the same place
+    if not numba.config.CACHE_DIR:
+        numba.config.CACHE_DIR = str(numba_cache_dir())
+    disp.enable_caching()
+
+
 def kernel(parallel: bool = False, **kw):
     """njit with ternet's policy. fastmath stays off: the requantization must round exactly
     like the numpy reference (FMA contraction would change results)."""
-    opts = dict(cache=_CACHE, nogil=True, error_model="numpy", fastmath=False,
+    cache = kw.pop("cache", _CACHE)
+    opts = dict(cache=False, nogil=True, error_model="numpy", fastmath=False,
                 boundscheck=_BOUNDSCHECK, parallel=parallel)
     opts.update(kw)
-    return numba.njit(**opts)
+
+    def decorate(fn):
+        disp = numba.njit(**opts)(fn)
+        if cache:
+            _enable_cache(disp)
+        return disp
+    return decorate
