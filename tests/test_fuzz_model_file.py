@@ -3,7 +3,7 @@ logits on the fast runner and on the reference runner, or is refused with ModelF
 
 Seeded and deterministic: case i draws from np.random.default_rng([SEED, i]) and applies the
 mutator i % len(MUTATORS) (so every kind is exercised), sometimes followed by a second one.
-TERNET_FUZZ_N sets the number of cases (default 300).
+TERNET_FUZZ_N sets the number of cases (default 1000, a few seconds).
 """
 import json
 import os
@@ -19,7 +19,7 @@ from ternet.model import Model
 from tiny_model import make_tiny_model
 
 SEED = 16
-N_CASES = int(os.environ.get("TERNET_FUZZ_N", "300"))
+N_CASES = int(os.environ.get("TERNET_FUZZ_N", "1000"))
 SIZE = 17                                   # input size of the tiny model: small, so cases are fast
 
 META_JSON_KEYS = ("ternet.graph", "ternet.input", "ternet.preprocess", "ternet.labels",
