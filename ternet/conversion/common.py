@@ -384,12 +384,19 @@ def write_atomic(out, **model) -> None:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         write_model(tmp, **model)
+        os.chmod(tmp, 0o666 & ~_umask())      # safetensors creates its files 0600
         os.replace(tmp, out)
     except ModelFormatError as e:       # the builder made a file the loader would refuse
         raise ConversionError(str(e).replace(str(tmp), str(out))) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def provenance(source: Path, fmt: str, command: str | None, extra: dict) -> dict:
