@@ -97,7 +97,7 @@ def as_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def layer_table(mf, sources: dict, it, x, n: int) -> list[dict]:
-    """Per ternet node: values differing from LiteRT by 1 / by more, each layer on LiteRT's input."""
+    """Per ternet node: values differing from LiteRT by 1 / more, each layer on LiteRT's input."""
     from ternet.reference import run_node
     inp = it.get_input_details()[0]["index"]
     rows = {node.name: {"layer": node.name, "op": node.op, "values": 0, "diff1": 0, "diff_more": 0,
@@ -146,11 +146,15 @@ def compare(model, report, tflite_path: Path, x, y, builtin: bool) -> dict:
 def print_layers(tables: dict) -> None:
     names = list(tables)
     first = tables[names[0]]
-    print(f"{'layer':22} {'op':16} {'values':>9}" + "".join(f" {n + ' d1':>14} {n + ' d>1':>14}" for n in names))
+    heads = "".join(f" {n + ' d1':>14} {n + ' d>1':>14}" for n in names)
+    print(f"{'layer':22} {'op':16} {'values':>9}{heads}")
     for i, r in enumerate(first):
-        cells = "".join(f" {tables[n][i]['diff1']:14d} {tables[n][i]['diff_more']:14d}" for n in names)
-        extra = ("  max |logit diff| " + ", ".join(f"{n} {tables[n][i]['max_logit_diff']:.4f}" for n in names)
-                 if r["op"] == "linear" else "")
+        cells = "".join(f" {tables[n][i]['diff1']:14d} {tables[n][i]['diff_more']:14d}"
+                        for n in names)
+        extra = ""
+        if r["op"] == "linear":
+            extra = "  max |logit diff| " + ", ".join(
+                f"{n} {tables[n][i]['max_logit_diff']:.4f}" for n in names)
         print(f"{r['layer']:22} {r['op']:16} {r['values']:9d}{cells}{extra}")
     for n in names:
         t = tables[n]
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=Path, default=DEV)
     ap.add_argument("--layers", type=int, default=0, metavar="N",
                     help="per-layer table over the first N images")
-    ap.add_argument("--write", type=Path, metavar="OUT", help="convert into OUT with the dev metrics")
+    ap.add_argument("--write", type=Path, metavar="OUT",
+                    help="convert into OUT with the dev metrics")
     ap.add_argument("--arch", default="mobilenet_v2")
     ap.add_argument("--json", type=Path, help="write the numbers here as JSON")
     args = ap.parse_args(argv)

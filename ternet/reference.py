@@ -73,8 +73,8 @@ def run_node(mf: ModelFile, node, inputs: list) -> np.ndarray:
     if node.op == "conv2d":
         mult, zp, lo, hi = requant_params(mf, node)
         pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
-        return conv_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp, lo, hi,
-                        a["stride"], pt, pl, ho, wo)
+        return conv_ref(src, zx, mf.tensor(node, "weight"), mf.tensor(node, "bias"), mult, zp,
+                        lo, hi, a["stride"], pt, pl, ho, wo)
     if node.op == "depthwise":
         mult, zp, lo, hi = requant_params(mf, node)
         pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
@@ -90,7 +90,8 @@ def run_node(mf: ModelFile, node, inputs: list) -> np.ndarray:
         return quant.add_ref(src, za, ma, np.asarray(inputs[1], np.uint8), zb, mb, zo, lo, hi)
     if node.op == "global_avg_pool":
         n, h, w, c = src.shape
-        return gap_ref(src.reshape(n, h * w, c), zx, *pool_params(mf, node, h * w)).reshape(n, 1, 1, c)
+        y = gap_ref(src.reshape(n, h * w, c), zx, *pool_params(mf, node, h * w))
+        return y.reshape(n, 1, 1, c)
     if node.op == "linear":
         s_in, _ = node_qparams(mf, node.inputs[0])
         scale = quant.logit_scale(s_in, mf.tensor(node, "weight_scale"))

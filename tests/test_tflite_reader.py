@@ -1,5 +1,6 @@
 """ternet.conversion.tflite_reader on a model built here and (if present) the real MobileNetV2."""
 import collections
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from ternet import ModelFormatError  # noqa: E402
 from ternet.conversion.tflite_reader import TFLiteFormatError, read_tflite  # noqa: E402
 from tflite_build import OpSpec, TensorSpec, build_tflite  # noqa: E402
 
-MOBILENET = Path(__file__).resolve().parents[2] / "shared/data/models/tf2_mobilenet_v2_1.0_224_ptq.tflite"
+SHARED = Path(os.environ.get("TERNET_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
+MOBILENET = SHARED / "data/models/tf2_mobilenet_v2_1.0_224_ptq.tflite"
 
 
 def conv_add_model(rng):
@@ -46,7 +48,8 @@ def test_reads_ops_tensors_and_quantization(tmp_path):
     assert m.path == str(path) and m.version == 3 and m.num_subgraphs == 1
     assert (m.inputs, m.outputs) == ((0,), (6,))
     assert [op.opcode for op in m.ops] == ["CONV_2D", "ADD", "RESHAPE"]
-    assert [(op.inputs, op.outputs) for op in m.ops] == [((0, 1, 2), (3,)), ((3, 3), (4,)), ((4, 5), (6,))]
+    assert [(op.inputs, op.outputs) for op in m.ops] == [((0, 1, 2), (3,)), ((3, 3), (4,)),
+                                                          ((4, 5), (6,))]
     conv = m.ops[0].options
     assert (conv["padding"], conv["stride_w"], conv["stride_h"]) == ("VALID", 2, 2)
     assert conv["fused_activation_function"] == "RELU6"
@@ -91,7 +94,8 @@ def test_missing_file(tmp_path):
 
 def test_missing_tflite_package_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite", None)      # import tflite -> ImportError
-    with pytest.raises(ImportError, match=r"needs the 'tflite' package: pip install 'ternet\[convert\]'"):
+    with pytest.raises(ImportError,
+                       match=r"needs the 'tflite' package: pip install 'ternet\[convert\]'"):
         read_tflite(tmp_path / "m.tflite")
 
 

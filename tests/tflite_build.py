@@ -102,8 +102,11 @@ def _opcode(b, name: str):
 
 
 def _buffer(b, data):
-    raw = None if data is None else _vector(b, np.frombuffer(
-        np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(), np.uint8), np.uint8)
+    if data is not None:
+        little = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"))
+        raw = _vector(b, np.frombuffer(little.tobytes(), np.uint8), np.uint8)
+    else:
+        raw = None
     tflite.BufferStart(b)
     if raw is not None:
         tflite.BufferAddData(b, raw)

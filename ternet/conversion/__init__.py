@@ -55,7 +55,8 @@ def convert(model, out, *, labels=None, preprocess=None, arch: str | None = None
         label_list = load_labels(labels)
     before = builder.nodes[-1]["attrs"]["cout"]
     final_labels = resolve_labels(builder, label_list, labels_path)
-    pre, notes = preprocess_spec(parse_preprocess(preprocess), builder.input_spec, raw_input, str(src))
+    pre, notes = preprocess_spec(parse_preprocess(preprocess), builder.input_spec, raw_input,
+                                 str(src))
     report = ConversionReport(source=str(src), output=str(out), nodes=len(builder.nodes),
                               ternary_layers=list(builder.ternary_layers),
                               background_dropped=builder.nodes[-1]["attrs"]["cout"] != before,

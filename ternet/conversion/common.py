@@ -135,15 +135,15 @@ class GraphBuilder:
         name = self._add_node("linear", [x], {"cin": cin, "cout": cout})
         self._weights(name, weight, bias, weight_scale)
 
-    def fold_activation(self, x: Value, activation: str, out_q, where: str) -> Value:
-        """A standalone ReLU/ReLU6 after the node that makes `x`: becomes that node's clamp and
-        its output quantization (one requantization instead of two)."""
+    def fold_activation(self, x: Value, activation: str, where: str) -> Value:
+        """A standalone ReLU/ReLU6 (same quantization in and out) after the node that makes
+        `x`: becomes that node's clamp; clamping twice is clamping to the tighter bounds."""
         node = next((n for n in self.nodes if n["name"] == x.node), None)
         if node is None or "activation" not in node["attrs"]:
             raise ConversionError(f"{where}: {activation} must follow a convolution or an add")
         order = ("none", "relu", "relu6")
         node["attrs"]["activation"] = max(node["attrs"]["activation"], activation, key=order.index)
-        return self._output(x.node, out_q, x.shape)
+        return x
 
     def drop_first_class(self) -> None:
         """Remove output 0 (TF-slim's background class) from the classifier."""
@@ -197,8 +197,9 @@ class GraphBuilder:
 
     def finish_notes(self) -> list[str]:
         if self.ternary_layers and self._bias_rounding > 0:
-            self.notes.append(f"ternary layers: biases not divisible by their channel's step q were "
-                              f"rounded; largest change {self._bias_rounding:.3g} output steps")
+            self.notes.append("ternary layers: biases not divisible by their channel's step q "
+                              f"were rounded; largest change {self._bias_rounding:.3g} output "
+                              "steps")
         return self.notes
 
 
@@ -214,7 +215,8 @@ def ternary_step(w) -> np.ndarray | None:
 
 def _output_size(padding: str, shape, k: int, stride: int) -> tuple[int, int]:
     from ..quant import conv_padding
-    return conv_padding(padding, shape[0], k, stride)[0], conv_padding(padding, shape[1], k, stride)[0]
+    return (conv_padding(padding, shape[0], k, stride)[0],
+            conv_padding(padding, shape[1], k, stride)[0])
 
 
 # ---------------------------------------------------------------------------- labels
@@ -250,8 +252,9 @@ def resolve_labels(builder: GraphBuilder, labels: list | None, labels_path: str 
     if labels is None:
         return [f"class_{i}" for i in range(cout)]
     if len(labels) != cout:
+        less = " (1001 less the background class)" if background else ""
         raise ConversionError(f"{where}: {len(labels)} labels, but the classifier has {cout} "
-                              f"outputs" + (" (1001 less the background class)" if background else ""))
+                              f"outputs{less}")
     return labels
 
 
@@ -260,7 +263,8 @@ def resolve_labels(builder: GraphBuilder, labels: list | None, labels_path: str 
 def raw_pixel_normalisation(scale: float, zero_point: int) -> tuple[float, float]:
     """(mean, std) under which ternet's preprocessing feeds each pixel value p as the uint8
     input p itself (the usual meaning of an 8-bit image input): with x = p / 255,
-    (x - mean) / std / scale + zero_point = p  <=>  std = 1 / (255 scale), mean = zero_point / 255."""
+    (x - mean) / std / scale + zero_point = p  <=>  std = 1 / (255 scale),
+    mean = zero_point / 255."""
     return zero_point / 255.0, 1.0 / (255.0 * scale)
 
 
@@ -292,8 +296,8 @@ def parse_preprocess(items, where: str = "--preprocess") -> dict:
             spec[k] = _positive_int(v, f"{where} {k}")
         elif k == "interpolation":
             if v not in INTERPOLATIONS:
-                raise ConversionError(f"{where}: interpolation must be one of {list(INTERPOLATIONS)}, "
-                                      f"got {v!r}")
+                raise ConversionError(f"{where}: interpolation must be one of "
+                                      f"{list(INTERPOLATIONS)}, got {v!r}")
             spec[k] = v
         elif k in ("mean", "std"):
             spec[k] = _three_numbers(v, f"{where} {k}")
@@ -318,7 +322,8 @@ def _three_numbers(v, where) -> list[float]:
     try:
         nums = [float(t) for t in parts]
     except (TypeError, ValueError):
-        raise ConversionError(f"{where}: expected 1 or 3 comma-separated numbers, got {v!r}") from None
+        raise ConversionError(f"{where}: expected 1 or 3 comma-separated numbers, "
+                              f"got {v!r}") from None
     if len(nums) == 1:
         nums = nums * 3
     if len(nums) != 3 or not all(np.isfinite(nums)):
@@ -326,7 +331,8 @@ def _three_numbers(v, where) -> list[float]:
     return nums
 
 
-def preprocess_spec(given: dict, input_spec: dict, raw_pixels: bool, source: str) -> tuple[dict, list]:
+def preprocess_spec(given: dict, input_spec: dict, raw_pixels: bool,
+                    source: str) -> tuple[dict, list]:
     """Complete preprocessing spec and notes. Defaults: crop = the input size, resize =
     crop / 0.875 (256 for 224), bilinear, and, for a model whose input is 8-bit, mean/std that
     feed raw pixel values (`raw_pixel_normalisation`). A float-input model's normalisation
@@ -358,8 +364,9 @@ def preprocess_spec(given: dict, input_spec: dict, raw_pixels: bool, source: str
                               "in the file: give --preprocess mean=R,G,B std=R,G,B (x = pixel/255)")
     if min(std) <= 0:
         raise ConversionError(f"--preprocess std must be > 0, got {std}")
-    return {"resize": resize, "crop": crop, "interpolation": given.get("interpolation", "bilinear"),
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "colour": "RGB"}, notes
+    spec = {"resize": resize, "crop": crop, "interpolation": given.get("interpolation", "bilinear"),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "colour": "RGB"}
+    return spec, notes
 
 
 # ---------------------------------------------------------------------------- writing
@@ -404,6 +411,7 @@ def provenance(source: Path, fmt: str, command: str | None, extra: dict) -> dict
     from .. import __version__
     return {"producer": f"ternet convert (ternet {__version__})", "source_format": fmt,
             "source_weights": source.name, "source_sha256": sha256_of(source),
-            "command": command or "", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command or "",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extra}
 

@@ -3,10 +3,11 @@
 Supported (docs/convert.md): CONV_2D (the stem, 1x1 pointwise, any odd k <= 7 with stride 1
 or 2), DEPTHWISE_CONV_2D (depth multiplier 1), ADD (same shapes), MEAN over H and W and a global
 AVERAGE_POOL_2D, FULLY_CONNECTED or a 1x1 CONV_2D on the pooled vector as the classifier,
-fused or standalone RELU / RELU6, PAD before a VALID convolution (giving SAME or symmetric
-padding), QUANTIZE at the input (uint8 <-> int8 or float -> 8-bit), reshapes that only add or
-drop unit dimensions, and RESHAPE / SQUEEZE / SOFTMAX / DEQUANTIZE / QUANTIZE after the
-classifier (dropped: ternet returns the classifier's float logits). Weights int8 with zero
+fused or standalone RELU / RELU6 (a standalone one must keep its input's quantization), PAD
+before a VALID convolution (giving SAME or symmetric padding), QUANTIZE at the input (uint8 <->
+int8 or float -> 8-bit), reshapes that only add or drop unit dimensions, and RESHAPE / SQUEEZE /
+SOFTMAX / DEQUANTIZE / QUANTIZE after the classifier (dropped: ternet returns the classifier's
+float logits). Weights int8 with zero
 point 0, per channel or per tensor; activations int8 or uint8, per tensor. Anything else is a
 `ConversionError` naming the op, its output tensor and the reason.
 """
@@ -42,7 +43,7 @@ class _Converter:
         self.m = model
         self.b = builder
         self.values: dict[int, Value] = {}         # TFLite tensor -> ternet value
-        self.padded: dict[int, tuple] = {}         # PAD output -> (value, (top, bottom, left, right))
+        self.padded: dict[int, tuple] = {}         # PAD output -> (value, (top, bottom, l, r))
         self.sources: dict[str, int] = {}
         self.tail: set[int] = set()                # tensors after the classifier
         self.raw_input = False
@@ -67,8 +68,8 @@ class _Converter:
             raise ConversionError(f"{m.path}: no classifier (FULLY_CONNECTED, or a 1x1 CONV_2D "
                                   "on the pooled features) ends the graph")
         if m.outputs[0] not in self.tail:
-            raise ConversionError(f"{m.path}: the graph output "
-                                  f"{_short(m.tensors[m.outputs[0]].name)!r} is not the classifier's")
+            out = _short(m.tensors[m.outputs[0]].name)
+            raise ConversionError(f"{m.path}: the graph output {out!r} is not the classifier's")
 
     def _where(self, op: TFLiteOp) -> str:
         out = self.m.tensors[op.outputs[0]].name if op.outputs else "?"
@@ -89,8 +90,8 @@ class _Converter:
     # ------------------------------------------------------------------ tensors
     def _graph_input(self, t):
         if len(t.shape) != 4 or t.shape[0] != 1 or t.shape[3] != 3:
-            raise ConversionError(f"{self.m.path}: input {_short(t.name)!r} has shape {list(t.shape)}; "
-                                  "expected [1, H, W, 3] (NHWC RGB)")
+            raise ConversionError(f"{self.m.path}: input {_short(t.name)!r} has shape "
+                                  f"{list(t.shape)}; expected [1, H, W, 3] (NHWC RGB)")
         if t.dtype in ("int8", "uint8"):
             scale, zp = self._qparams(t, f"{self.m.path}: input {_short(t.name)!r}")
             self.values[t.index] = self.b.input(t.shape[1], t.shape[2], scale, zp)
@@ -113,7 +114,8 @@ class _Converter:
                                   "channel; ternet's activations are per tensor")
         scale = float(q.scales[0])
         if not (np.isfinite(scale) and scale > 0):
-            raise ConversionError(f"{where}: activation tensor {_short(t.name)!r} has scale {scale}")
+            raise ConversionError(f"{where}: activation tensor {_short(t.name)!r} has scale "
+                                  f"{scale}")
         return scale, int8_to_uint8_zero_point(q.zero_points[0], t.dtype, where)
 
     def _value(self, tid: int, where: str) -> Value:
@@ -244,7 +246,8 @@ class _Converter:
             raise ConversionError(f"{where}: paddings must be a constant [4, 2]")
         pads = [int(v) for v in p.data.reshape(-1)]
         if pads[0:2] != [0, 0] or pads[6:8] != [0, 0] or min(pads) < 0:
-            raise ConversionError(f"{where}: pads {pads}; only non-negative spatial padding is supported")
+            raise ConversionError(f"{where}: pads {pads}; only non-negative spatial padding is "
+                                  "supported")
         out_q = self._out_q(op, where)
         if out_q != (x.scale, x.zero_point):
             raise ConversionError(f"{where}: PAD changes the quantization")
@@ -263,8 +266,9 @@ class _Converter:
         x = self._value(op.inputs[0], where)
         axes = self.m.tensors[op.inputs[1]].data
         if axes is None or sorted(int(a) % 4 for a in np.ravel(axes)) != [1, 2]:
-            raise ConversionError(f"{where}: MEAN over axes {None if axes is None else axes.tolist()}; "
-                                  "only the spatial mean (axes 1, 2) is supported")
+            over = None if axes is None else axes.tolist()
+            raise ConversionError(f"{where}: MEAN over axes {over}; only the spatial mean "
+                                  "(axes 1, 2) is supported")
         self._set(op.outputs[0], self.b.global_avg_pool(x, self._out_q(op, where), where))
 
     def _op_average_pool_2d(self, op, where):
@@ -275,7 +279,8 @@ class _Converter:
                                   f"average pool on {x.shape[0]}x{x.shape[1]}; only global pooling "
                                   "is supported")
         if self._activation(op, where) != "none":
-            raise ConversionError(f"{where}: a fused activation on the global pool is not supported")
+            raise ConversionError(f"{where}: a fused activation on the global pool is not "
+                                  "supported")
         v = self.b.global_avg_pool(x, self._out_q(op, where), where)
         self._check_shape(op, v, where)
         self._set(op.outputs[0], v)
@@ -285,7 +290,13 @@ class _Converter:
         if self.uses.get(op.inputs[0], 0) != 1:
             raise ConversionError(f"{where}: its input is also used elsewhere, so it cannot become "
                                   "the clamp of the layer before it")
-        self._set(op.outputs[0], self.b.fold_activation(x, act, self._out_q(op, where), where))
+        out_q = self._out_q(op, where)
+        if out_q != (x.scale, x.zero_point):
+            # LiteRT would round twice and clamp to the first tensor's int8 range in between
+            raise ConversionError(f"{where}: a {op.opcode} that also requantizes (scale "
+                                  f"{x.scale:.6g} -> {out_q[0]:.6g}) is not supported; only a "
+                                  "pure clamp folds into the layer before it")
+        self._set(op.outputs[0], self.b.fold_activation(x, act, where))
 
     def _op_relu6(self, op, where):
         self._op_relu(op, where, "relu6")
@@ -352,4 +363,5 @@ def _padding_of_pads(pads, shape, k: int, stride: int, where) -> str:
                 conv_padding(mode, shape[1], k, stride)[1:] == (left, right)):
             return mode
     raise ConversionError(f"{where}: pads (top, bottom, left, right) = {pads} match neither "
-                          f"TensorFlow SAME nor symmetric padding of a {k}x{k}/{stride} convolution")
+                          f"TensorFlow SAME nor symmetric padding of a {k}x{k}/{stride} "
+                          "convolution")

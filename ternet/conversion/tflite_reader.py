@@ -127,7 +127,8 @@ def _read_model(tfl, path: str, buf: bytes) -> TFLiteModel:
     model = tfl.Model.GetRootAs(buf, 0)
     if model.SubgraphsLength() < 1:
         raise TFLiteFormatError(f"{path}: the model has no subgraph")
-    opcodes = [_opcode_name(tfl, model.OperatorCodes(i)) for i in range(model.OperatorCodesLength())]
+    opcodes = [_opcode_name(tfl, model.OperatorCodes(i))
+               for i in range(model.OperatorCodesLength())]
     sg = model.Subgraphs(0)
     tensors = [_read_tensor(path, buf, model, sg.Tensors(i), i) for i in range(sg.TensorsLength())]
     ops = []
