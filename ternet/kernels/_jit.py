@@ -118,9 +118,14 @@ _USER_DIR_CACHE = _user_dir_cache_class() if _CACHE else None
 
 
 def _enable_cache(disp) -> None:
-    """Cache disp's compiled code on disk in the user cache directory."""
+    """Cache disp's compiled code on disk in the user cache directory. Where that directory
+    cannot be created or written, kernels compile in every process (as with
+    TERNET_NUMBA_CACHE=0): slow, but never the package directory, and never a failed import."""
     if _USER_DIR_CACHE is not None:
-        disp._cache = _USER_DIR_CACHE(disp.py_func)
+        try:
+            disp._cache = _USER_DIR_CACHE(disp.py_func)
+        except RuntimeError:            # numba: "no locator available" (directory unusable)
+            pass
         return
     # unknown numba internals: fall back to numba's global setting, pointed at the same place
     if not numba.config.CACHE_DIR:
