@@ -1,5 +1,6 @@
 """Caches live in the user cache directory (ternet/cachedir.py), never inside the package."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,26 @@ def test_unusable_cache_dir_still_loads(tmp_path):
     r = _run(code, {"XDG_CACHE_HOME": "/dev/null/cache", "TERNET_CACHE_DIR": "/dev/null/cache"},
              model)
     assert r.returncode == 0, r.stderr
+
+
+def test_editing_any_kernel_source_moves_every_kernel_cache(tmp_path):
+    """numba reuses a kernel's cached code while the kernel's own file is unchanged, even if code
+    it compiles in from another file changed (vnni.py's intrinsics in depthwise kernels): that
+    replayed stale machine code. The cache directory is keyed by all kernel sources instead."""
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "ternet", copy / "ternet",
+                    ignore=shutil.ignore_patterns("__pycache__", "weights", "train"))
+    code = "from ternet.kernels import conv; print(conv._copy16._cache.cache_path)"
+
+    def cache_path() -> str:
+        env = {**os.environ, "PYTHONPATH": str(copy), "NUMBA_CACHE_DIR": str(tmp_path / "nb")}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    first = cache_path()
+    assert first.startswith(str(tmp_path / "nb")) and first == cache_path()
+    with open(copy / "ternet" / "kernels" / "vnni.py", "a") as f:      # not conv.py
+        f.write("# edited\n")
+    assert cache_path() != first

@@ -4,8 +4,11 @@ Importing this module imports numba but compiles nothing: kernels compile on fir
 cached on disk in `ternet.cachedir.numba_cache_dir()` (the user cache directory, whatever numba's
 own default), never next to the sources: see `ternet.cachedir` for why.
 """
+import functools
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -78,6 +81,20 @@ def num_threads() -> int:
     return n if n > 0 else numba.get_num_threads()
 
 
+@functools.cache
+def _sources_digest() -> str:
+    """Hash of every kernel source file and of quant.py, which they import. numba checks only
+    the file a kernel is defined in before reusing its cached machine code, but a kernel also
+    compiles in code from other files (vnni.py's and dw_vnni.py's intrinsics, helpers inlined
+    from conv.py, constants): after an edit or an upgrade that changes only one of those, the
+    old code would run, giving wrong answers. Costs well under 1 ms, once per process."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in [*sorted(here.glob("*.py")), here.parent / "quant.py"]:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _user_dir_cache_class():
     """numba's FunctionCache with a locator that always answers `numba_cache_dir()`.
 
@@ -98,8 +115,10 @@ def _user_dir_cache_class():
     class Locator(base):
         def __init__(self, py_func, py_file):
             super().__init__(py_func, py_file)
-            # one subdirectory per source directory, as numba does: installs never collide
-            self._cache_path = os.path.join(numba_cache_dir(), self.get_suitable_cache_subpath(py_file))
+            # one subdirectory per source directory, as numba does (installs never collide), and
+            # per version of the kernel sources
+            sub = f"{self.get_suitable_cache_subpath(py_file)}_{_sources_digest()}"
+            self._cache_path = os.path.join(numba_cache_dir(), sub)
 
         @classmethod
         def from_function(cls, py_func, py_file):
