@@ -356,11 +356,32 @@ def cmd_export(a):
     print(f"wrote {a.out}: {Path(a.out).stat().st_size} bytes; metrics {metrics}")
 
 
+def heldout_eval(a, logits_fn, input_spec: dict) -> dict:
+    """1000-way top-1 / top-5 on the proxy's held-out labelled photos (nette+woof val and tiny
+    val, a.held images each) and top-1 agreement with the FP32 teacher: the selection numbers."""
+    from .proxy import heldout
+    teacher, out = teacher_graph(a.arch), {}
+    for name, sources in (("nette+woof val", PROXY_HELD), ("tiny val", ("tiny",))):
+        x, y, _ = heldout(a.proxy, sources, a.held, preprocess_of(a.arch), input_spec)
+        s, t = torch.as_tensor(logits_fn(x)), logits_of(teacher, x, "float")
+        out[name] = {**topk(s, y), "agree_top1": float((s.argmax(1) == t.argmax(1)).float().mean()),
+                     "teacher": topk(t, y)}
+    return out
+
+
 def cmd_eval(a):
     torch.set_num_threads(a.threads)
+    if a.held and not a.proxy:
+        raise SystemExit("--held needs --proxy DIR (or TERNET_PROXY_DIR)")
     if a.ckpt:
         g, _ = load_ckpt(a.ckpt)
-        print({"ternary_mac_fraction": ternary_mac_fraction(g), **dev_metrics(g, a.arch, fp=a.fp)})
+        res = {"ternary_mac_fraction": ternary_mac_fraction(g)}
+        if a.held:
+            spec = {"scale": g.input_scale, "zero_point": g.input_zp, "height": 224, "width": 224}
+            res["heldout_int_emulation"] = heldout_eval(a, lambda x: logits_of(g, x, "int"), spec)
+        if not a.no_dev:
+            res.update(dev_metrics(g, a.arch, fp=a.fp))
+        print(res)
     if a.model:
         from ternet.format import read_model
         mf = read_model(a.model)
@@ -480,6 +501,9 @@ def main(argv=None):
     s.add_argument("--ckpt")
     s.add_argument("--model")
     s.add_argument("--fp", action="store_true")
+    s.add_argument("--held", type=int, default=0,
+                   help="also evaluate on this many held-out proxy photos per set (nette+woof val, tiny val)")
+    s.add_argument("--no-dev", action="store_true", help="skip the dev images")
     s.set_defaults(fn=cmd_eval)
     a = p.parse_args(argv)
     set_locations(a.shared, a.cache)
