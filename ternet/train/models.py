@@ -8,11 +8,16 @@ BatchNorm or None). `fold.py` turns that list into folded float layers.
   `efficientnet_lite_pytorch` package (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ...),
   converted from the TensorFlow checkpoint: TF 'SAME' padding, BN eps 1e-3, ReLU6, no
   squeeze-excite, stem 32 and head 1280 channels.
-* `MobileNetV2`: torchvision layout (`features.N...`, `classifier.1`), symmetric padding,
-  BN eps 1e-5, with a width multiplier and block table so tests can build small ones.
+* `MobileNetV2`: torchvision layout (`features.N...`, `classifier.1`), symmetric or TF 'SAME'
+  padding, BN eps 1e-5, with a width multiplier and block table so tests can build small ones.
+  `MobileNetV2.pretrained()` is Google's int8 TFLite MobileNetV2 dequantized (tflite_weights.py).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,8 +149,9 @@ def _cbr(cin, cout, k, stride=1, groups=1):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, t):
+    def __init__(self, cin, cout, stride, t, padding="symmetric"):
         super().__init__()
+        self.padding = padding
         mid = cin * t
         layers = [_cbr(cin, mid, 1)] if t != 1 else []
         layers += [_cbr(mid, mid, 3, stride, mid), _conv(mid, cout, 1), nn.BatchNorm2d(cout)]
@@ -155,16 +161,16 @@ class InvertedResidual(nn.Module):
     def forward(self, x):
         y = x
         for m in self.conv:
-            y = conv_bn_act(m[0], m[1], "relu6", y, "symmetric") if isinstance(m, nn.Sequential) else m(y)
+            y = conv_bn_act(m[0], m[1], "relu6", y, self.padding) if isinstance(m, nn.Sequential) else m(y)
         return x + y if self.use_res_connect else y
 
     def nodes(self, prefix, inp):
         out, last, mods = [], inp, list(self.conv)
         for m in mods[:-2]:
             kind = "expand" if m[0].kernel_size[0] == 1 else "dw"
-            out.append(conv_node(f"{prefix}.{kind}", last, m[0], m[1], "relu6", "symmetric"))
+            out.append(conv_node(f"{prefix}.{kind}", last, m[0], m[1], "relu6", self.padding))
             last = out[-1][0]
-        out.append(conv_node(f"{prefix}.project", last, mods[-2], mods[-1], "none", "symmetric"))
+        out.append(conv_node(f"{prefix}.project", last, mods[-2], mods[-1], "none", self.padding))
         if self.use_res_connect:
             out.append((f"{prefix}.add", "add", [inp, out[-1][0]], {"activation": "none"}, None, None))
         return out
@@ -173,45 +179,69 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     arch = "mobilenet_v2"
 
-    def __init__(self, num_classes=1000, width=1.0, blocks=MBV2_BLOCKS, last=1280):
+    def __init__(self, num_classes=1000, width=1.0, blocks=MBV2_BLOCKS, last=1280, padding="symmetric"):
         super().__init__()
+        self.padding = padding                      # 'symmetric' (torchvision) or 'same' (TF)
         ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731  (round to 8)
         cin = ch(32)
         feats = [_cbr(3, cin, 3, 2)]
         for t, c, n, s in blocks:
             for i in range(n):
-                feats.append(InvertedResidual(cin, ch(c), s if i == 0 else 1, t))
+                feats.append(InvertedResidual(cin, ch(c), s if i == 0 else 1, t, padding))
                 cin = ch(c)
         self.last = max(last, ch(last)) if width > 1 else last
         feats.append(_cbr(cin, self.last, 1))
         self.features = nn.Sequential(*feats)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.last, num_classes))
 
+    @classmethod
+    def pretrained(cls, path=None) -> "MobileNetV2":
+        """The float MobileNetV2 of Google's int8 TFLite file (`mbv2_tflite_path()` by default)."""
+        from .tflite_weights import mobilenet_v2_from_tflite
+        return mobilenet_v2_from_tflite(path or mbv2_tflite_path()).eval()
+
     def forward(self, x):
         f = self.features
-        x = conv_bn_act(f[0][0], f[0][1], "relu6", x, "symmetric")
+        x = conv_bn_act(f[0][0], f[0][1], "relu6", x, self.padding)
         for b in f[1:-1]:
             x = b(x)
-        x = conv_bn_act(f[-1][0], f[-1][1], "relu6", x, "symmetric")
+        x = conv_bn_act(f[-1][0], f[-1][1], "relu6", x, self.padding)
         return self.classifier(x.mean((2, 3)))
 
     def graph_spec(self):
         f = self.features
-        nodes = [conv_node("stem", "input", f[0][0], f[0][1], "relu6", "symmetric")]
+        nodes = [conv_node("stem", "input", f[0][0], f[0][1], "relu6", self.padding)]
         for i, b in enumerate(f[1:-1], start=1):
             nodes += b.nodes(f"features.{i}", nodes[-1][0])
-        nodes.append(conv_node("head", nodes[-1][0], f[-1][0], f[-1][1], "relu6", "symmetric"))
+        nodes.append(conv_node("head", nodes[-1][0], f[-1][0], f[-1][1], "relu6", self.padding))
         nodes.append(("pool", "global_avg_pool", ["head"], {}, None, None))
         fc = self.classifier[1]
         nodes.append(("fc", "linear", ["pool"], {"cin": fc.in_features, "cout": fc.out_features}, fc, None))
         return nodes
 
 
-def build(arch: str, **kw) -> nn.Module:
+# The int8 TFLite MobileNetV2 whose dequantized weights are the float `mobilenet_v2`: --tflite,
+# else $TERNET_MBV2_TFLITE, else models/ in the shared data folder (data.shared_path).
+MBV2_TFLITE = "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+_mbv2_tflite: str | None = None
+
+
+def set_mbv2_tflite(path: str | None) -> None:
+    global _mbv2_tflite
+    _mbv2_tflite = path or _mbv2_tflite
+
+
+def mbv2_tflite_path() -> Path:
+    from .data import shared_path
+    return Path(_mbv2_tflite or os.environ.get("TERNET_MBV2_TFLITE") or shared_path("models", MBV2_TFLITE))
+
+
+def build(arch: str) -> nn.Module:
+    """The pretrained FP32 model of `arch`."""
     if arch == "efficientnet_lite0":
         return EfficientNetLite0.pretrained()
     if arch == "mobilenet_v2":
-        return MobileNetV2(**kw).eval()
+        return MobileNetV2.pretrained()
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -220,6 +250,12 @@ def build(arch: str, **kw) -> nn.Module:
 # quantized input equal to the pixel value: lossless.
 LITE0_PREPROCESS = {"resize": 256, "crop": 224, "interpolation": "bilinear",
                     "mean": [127.0 / 255] * 3, "std": [128.0 / 255] * 3, "colour": "RGB"}
+# MobileNetV2 takes the TFLite file's own uint8 input: scale float32(1/127.5), zero point 127,
+# the raw pixel (as ternet convert stores it: std = 1 / (255 scale) feeds pixel p as p).
+MBV2_INPUT = (float(np.float32(1 / 127.5)), 127)
+MBV2_PREPROCESS = {"resize": 256, "crop": 224, "interpolation": "bilinear",
+                   "mean": [MBV2_INPUT[1] / 255.0] * 3, "std": [1.0 / (255.0 * MBV2_INPUT[0])] * 3,
+                   "colour": "RGB"}
 IMAGENET_PREPROCESS = {"resize": 256, "crop": 224, "interpolation": "bilinear",
                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "colour": "RGB"}
 
@@ -227,10 +263,13 @@ IMAGENET_PREPROCESS = {"resize": 256, "crop": 224, "interpolation": "bilinear",
 def input_qparams(arch: str) -> tuple[float, int]:
     if arch == "efficientnet_lite0":
         return 1.0 / 128, 127
+    if arch == "mobilenet_v2":
+        return MBV2_INPUT
     from ternet.quant import choose_activation_qparams
     m, s = IMAGENET_PREPROCESS["mean"], IMAGENET_PREPROCESS["std"]
     return choose_activation_qparams(min(-a / b for a, b in zip(m, s)), max((1 - a) / b for a, b in zip(m, s)))
 
 
 def preprocess_of(arch: str) -> dict:
-    return dict(LITE0_PREPROCESS if arch == "efficientnet_lite0" else IMAGENET_PREPROCESS)
+    return dict({"efficientnet_lite0": LITE0_PREPROCESS, "mobilenet_v2": MBV2_PREPROCESS}.get(
+        arch, IMAGENET_PREPROCESS))
