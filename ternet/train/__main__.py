@@ -387,8 +387,16 @@ def cmd_eval(a):
     if a.model:
         from ternet.format import read_model
         mf = read_model(a.model)
-        x, y, _ = load_dev(mf.preprocess, mf.input)
-        print({"dev_reference": topk(reference_logits(a.model, x), y)})
+        res = {}
+        if a.held:                   # the engine itself (bit-exact with the reference runner)
+            import ternet
+            m = ternet.load(a.model, threads=1)
+            res["heldout_engine"] = heldout_eval(
+                a, lambda x: m.predict(x.permute(0, 2, 3, 1).numpy().astype("uint8")), mf.input)
+        if not a.no_dev:
+            x, y, _ = load_dev(mf.preprocess, mf.input)
+            res["dev_reference"] = topk(reference_logits(a.model, x), y)
+        print(res)
 
 
 def main(argv=None):
