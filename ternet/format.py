@@ -25,7 +25,7 @@ ACTIVATIONS = ("none", "relu", "relu6")
 WEIGHT_TYPES = ("ternary", "int8", "hybrid")
 INTERPOLATIONS = ("bilinear", "bicubic")
 INT32_MAX = 2**31 - 1
-_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+_NAME = re.compile(r"[A-Za-z0-9_.]+")        # matched with fullmatch: "$" would admit a trailing newline
 
 # Limits that keep reading any file bounded in time and memory (docs/format.md, "Limits").
 MAX_HEADER_BYTES = 4 << 20          # the safetensors JSON header; the bundled models' are ~60 KB
@@ -427,7 +427,7 @@ def _validate_graph(path, graph, arrays, in_shape, in_qp):
         if not isinstance(raw, dict):
             _fail(path, f"graph node #{i}", "is not a JSON object")
         name = raw.get("name")
-        if not isinstance(name, str) or not _NAME.match(name) or name == "input":
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "input":
             _fail(path, f"graph node #{i}", f"invalid name {_show(name)}")
         where = f"node {name!r}"
         if name in shapes:

@@ -195,6 +195,8 @@ CASES = {
     "infinity json constant": (_spec("ternet.preprocess", std=[float("inf")] * 3),
                                "Infinity is not a JSON number"),
     "duplicate json key": (_duplicate_scale, "duplicate key 'scale'"),
+    "node name with newline": (_graph(lambda g, t: _node(g, "head").update(name="head\n")),
+                               "invalid name"),
     "input scale 0 in float32": (_spec("ternet.input", scale=1e-300),
                                  "'scale' = 1e-300 out of range"),
     "std 0 in float32": (_spec("ternet.preprocess", std=[0.2, 1e-300, 0.2]), "'std' values"),
