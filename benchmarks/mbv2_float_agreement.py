@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     from ternet.train.data import load_dev, set_locations
     from ternet.train.fakequant import QuantGraph
     from ternet.train.fold import fold_model
-    from ternet.train.models import MobileNetV2, input_qparams, mbv2_tflite_path, preprocess_of, set_mbv2_tflite
+    from ternet.train.models import (MobileNetV2, input_qparams, mbv2_tflite_path, preprocess_of,
+                                     set_mbv2_tflite)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tflite", help="int8 MobileNetV2 .tflite (default: as ternet.train finds it)")

@@ -41,13 +41,15 @@ class FloatConv:
     padding: str                # TFLite padding, 'SAME' or 'VALID'
 
 
-def mobilenet_v2_from_tflite(path) -> MobileNetV2:
-    """The float MobileNetV2 (1000 classes, 'same' padding) of the int8 TFLite file `path`."""
+def mobilenet_v2_from_tflite(path, **arch) -> MobileNetV2:
+    """The float MobileNetV2 ('same' padding) of the int8 TFLite file `path`; `arch`: the
+    MobileNetV2 arguments (num_classes, width, blocks, last) of the network the file holds,
+    by default MobileNetV2 1.0 with 1000 classes (the file has one more: background)."""
     from ternet.conversion.tflite_reader import read_tflite
     if not Path(path).is_file():
         raise InputFileError(f"{path}: no such file (the int8 MobileNetV2 .tflite; set --tflite "
                              "or TERNET_MBV2_TFLITE)")
-    model = MobileNetV2(padding="same")
+    model = MobileNetV2(padding="same", **arch)
     load_convs(model, dequantized_convs(read_tflite(path)), str(path))
     return model
 
