@@ -1,12 +1,16 @@
-"""Depthwise kernel benchmark: ternet's dw_i8_u8 vs onnxruntime QLinearConv (group=C, NHWC).
+"""Depthwise kernel benchmark: ternet's depthwise kernels vs onnxruntime QLinearConv (group=C, NHWC).
 
-    .venv/bin/python benchmarks/bench_depthwise.py [--reps 300] [--threads 1] [--no-ort]
+    flock /tmp/ternet-bench.lock .venv/bin/python benchmarks/bench_depthwise.py [--reps 300]
+        [--threads 1] [--impls vnni,pairs] [--pad auto|yes|no] [--batch 1] [--no-ort]
 
-Shapes are MobileNetV2's 3x3 and EfficientNet-Lite0's 5x5 depthwise layers at 224x224, batch 1,
-TF SAME padding. Outputs are checked before timing: ternet bit-exact against depthwise_ref;
-onnxruntime (com.microsoft QLinearConv, channels_last=1: its NHWC depthwise path) within 1 of it
-(it rounds half to even, ternet half up). Reports min and median µs per layer and the load
-average; on a shared machine, run under `flock /tmp/ternet-bench.lock`.
+Shapes are MobileNetV2's 3x3 and EfficientNet-Lite0's 5x5 depthwise layers at 224x224, TF SAME
+padding. --impls: kernel layouts of ternet.kernels.depthwise.DRIVERS (default: every one this CPU
+runs natively); --pad: the bordered input copy as the plan chooses it, always, or never.
+Outputs are checked before timing: ternet bit-exact against depthwise_ref; onnxruntime
+(com.microsoft QLinearConv, channels_last=1: its NHWC depthwise path) within 1 of it (it rounds
+half to even, ternet half up). The kernels are timed interleaved (one call each per round) and
+min and median µs per layer are reported, with the CPU and the load average; on a shared machine,
+run under `flock /tmp/ternet-bench.lock`.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ SHAPES = [
 ]
 
 
-def ort_depthwise(w, bias, zx, mult, zp_out, H, W, stride, pads, threads):
+def ort_depthwise(w, bias, zx, mult, zp_out, H, W, stride, pads, threads, N=1):
     """onnxruntime session computing y = sat(round(acc * mult) + zp_out), acc = bias + sum w*(x - zx)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -48,8 +52,8 @@ def ort_depthwise(w, bias, zx, mult, zp_out, H, W, stride, pads, threads):
     node = helper.make_node("QLinearConv", ["X", "xs", "xz", "W", "ws", "wz", "ys", "yz", "B"], ["Y"],
                             domain="com.microsoft", channels_last=1, group=C, kernel_shape=[k, k],
                             strides=[stride, stride], pads=[pt, pl, pb, pr])
-    g = helper.make_graph([node], "dw", [helper.make_tensor_value_info("X", TensorProto.UINT8, [1, H, W, C])],
-                          [helper.make_tensor_value_info("Y", TensorProto.UINT8, [1, Ho, Wo, C])], inits)
+    g = helper.make_graph([node], "dw", [helper.make_tensor_value_info("X", TensorProto.UINT8, [N, H, W, C])],
+                          [helper.make_tensor_value_info("Y", TensorProto.UINT8, [N, Ho, Wo, C])], inits)
     ops = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     m = helper.make_model(g, opset_imports=ops)
     m.ir_version = 10
@@ -61,65 +65,83 @@ def ort_depthwise(w, bias, zx, mult, zp_out, H, W, stride, pads, threads):
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def timeit(fn, reps):
-    fn()
-    ts = np.empty(reps)
-    for i in range(reps):
-        t = time.perf_counter()
+def timeit(fns, reps):
+    """{name: (min, median) µs} of the callables in fns, interleaved: one call each per round."""
+    for fn in fns.values():
         fn()
-        ts[i] = time.perf_counter() - t
-    return ts.min() * 1e6, np.median(ts) * 1e6
+    ts = {name: np.empty(reps) for name in fns}
+    for i in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name][i] = time.perf_counter() - t
+    return {name: (t.min() * 1e6, np.median(t) * 1e6) for name, t in ts.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--impls", help="comma-separated kernel layouts (default: all native here)")
+    ap.add_argument("--pad", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--no-ort", action="store_true")
     args = ap.parse_args()
 
     import numba
     from ternet import quant
+    from ternet.kernels import cpu
     from ternet.kernels.depthwise import depthwise_ref, make_depthwise
     from ternet.kernels.layout import pad_to
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    impls = args.impls.split(",") if args.impls else (
+        ["vnni", "pairs"] if cpu.has_avx512vnni() else ["pairs"])
+    pad = {"auto": None, "yes": True, "no": False}[args.pad]
+    N = args.batch
 
-    print(f"load average at start: {os.getloadavg()}; threads {args.threads}")
-    print(f"{'C,H,W,s,k':>20} {'MMAC':>6} | {'ternet min/med µs':>18} {'GMAC/s':>6} | "
-          f"{'ORT min/med µs':>16}")
-    tot_t, tot_o = 0.0, 0.0
+    print(f"CPU: {cpu.cpu_name()} ({cpu.cpu_class()}); load average at start: {os.getloadavg()}; "
+          f"threads {args.threads}, batch {N}, pad {args.pad}, {args.reps} interleaved reps")
+    cols = impls + ([] if args.no_ort else ["ort"])
+    print(f"{'C,H,W,s,k':>18} {'MMAC':>6} |" + "".join(f" {c + ' min/med µs':>19} {'GMAC/s':>6} |" for c in cols))
+    tot = {c: 0.0 for c in cols}
     for C, H, W, s, k in SHAPES:
         rng = np.random.default_rng(C * 1009 + H)
         Ho, pt, pb = quant.conv_padding("same", H, k, s)
         Wo, pl, pr = quant.conv_padding("same", W, k, s)
-        x = rng.integers(0, 256, (1, H, W, C), dtype=np.uint8)
+        x = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
         w = rng.integers(-127, 128, (k, k, C)).astype(np.int8)
         bias = rng.integers(-3000, 3000, C).astype(np.int32)
         zx, zp_out = 100, 3
         mult = np.full(C, 0.0003, np.float32)
         ref = depthwise_ref(x, zx, w, bias, mult, zp_out, 0, 255, s, pt, pl, Ho, Wo)
-        plan = make_depthwise(w, bias, zx, mult, zp_out, 0, 255, s, pt, pl, H, W, Ho, Wo)
         Cp = pad_to(C)
-        xb = np.zeros((1, H, W, Cp), np.uint8)
+        xb = np.zeros((N, H, W, Cp), np.uint8)
         xb[..., :C] = x
-        out = np.zeros((1, Ho, Wo, Cp), np.uint8)
-        plan(xb, out)
-        assert np.array_equal(out[..., :C], ref), (C, H, W, s, k)
-        tmin, tmed = timeit(lambda: plan(xb, out), args.reps)
-        macs = C * Ho * Wo * k * k
-        tot_t += tmin
-        ort_s = ""
+        fns = {}
+        for impl in impls:
+            plan = make_depthwise(w, bias, zx, mult, zp_out, 0, 255, s, pt, pl, H, W, Ho, Wo,
+                                  pad_input=pad, impl=impl)
+            out = np.zeros((N, Ho, Wo, Cp), np.uint8)
+            plan(xb, out)
+            assert np.array_equal(out[..., :C], ref), (impl, C, H, W, s, k)
+            fns[impl] = lambda plan=plan, out=out: plan(xb, out)
         if not args.no_ort:
-            sess = ort_depthwise(w, bias, zx, mult, zp_out, H, W, s, (pt, pl, pb, pr), args.threads)
+            sess = ort_depthwise(w, bias, zx, mult, zp_out, H, W, s, (pt, pl, pb, pr), args.threads, N)
             y = sess.run(None, {"X": x})[0]
             d = np.abs(y.astype(np.int16) - ref)
             assert d.max() <= 1, (C, H, W, s, k, d.max())
-            omin, omed = timeit(lambda: sess.run(None, {"X": x}), args.reps)
-            tot_o += omin
-            ort_s = f"{omin:7.0f} / {omed:6.0f}"
-        print(f"{f'{C},{H},{W},{s},{k}':>20} {macs / 1e6:6.2f} | {tmin:8.0f} / {tmed:7.0f} "
-              f"{macs / tmin / 1e3:6.1f} | {ort_s}")
-    print(f"{'sum of mins':>20} {'':6} | {tot_t:8.0f}{'':10} {'':6} | {tot_o:7.0f}")
+            fns["ort"] = lambda sess=sess: sess.run(None, {"X": x})
+        res = timeit(fns, args.reps)
+        macs = N * C * Ho * Wo * k * k
+        cells = ""
+        for c in cols:
+            tmin, tmed = res[c]
+            tot[c] += tmin
+            cells += f" {tmin:9.0f} / {tmed:7.0f} {macs / tmin / 1e3:6.1f} |"
+        print(f"{f'{C},{H},{W},{s},{k}':>18} {macs / 1e6:6.2f} |" + cells)
+    print(f"{'sum of mins':>18} {'':6} |" + "".join(f" {tot[c]:9.0f}{'':10} {'':6} |" for c in cols))
+    for c in cols[1:]:
+        print(f"sum of mins {cols[0]} / {c}: {tot[cols[0]] / tot[c]:.2f}")
     print(f"load average at end: {os.getloadavg()}")
 
 

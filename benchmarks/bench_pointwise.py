@@ -1,6 +1,7 @@
 """Pointwise (1x1) kernels on the 14 MobileNetV2 layers of docs/kernels.md, against onnxruntime.
 
     flock /tmp/ternet-bench.lock .venv/bin/python benchmarks/bench_pointwise.py [--threads 1] [--int8]
+        [--impls vnni,amx,ort] [--model efficientnet_lite0_prom] [--batch 8]
 
 The machine is shared: always run under that `flock` so two benchmarks never overlap, and read
 the load averages printed at the start and end. Batch 1, ternary weights with ~50% zeros,
@@ -12,6 +13,10 @@ them); `avx2` then runs the int8 kernel avx2i8. ORT's int8-weight (u8s8) AVX2 GE
 saturating vpmaddubsw, so with such weights it is *not* exact: `ort` is timed anyway and its
 mismatch reported; `ort-u8` feeds the same weights as uint8 with zero point 128, ORT's exact
 (u8u8, int16 vpmaddwd) path, the like-for-like comparison.
+
+`amx` is the AMX-INT8 kernel on every layer (what cpu.pointwise_isa chooses between it and `vnni`
+is measured with this); --model takes the distinct pointwise shapes of a ternet model instead of
+the MobileNetV2 list, --batch multiplies the pixels (N images of H x W).
 """
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ def make_layer(cin, cout, P, seed, int8=False):
 
 
 def make_plan(impl, w, bias, zx, mult, zp_out):
+    if impl == "amx":
+        return vnni.make_pw_vnni(w, bias, zx, mult, zp_out, 0, 255, isa="amx", by_size=False)
     if make_pointwise is not None:
         return make_pointwise(w, bias, zx, mult, zp_out, 0, 255, impl)
     if impl in ("vnni", "avx2"):
@@ -68,7 +75,22 @@ def make_plan(impl, w, bias, zx, mult, zp_out):
     raise RuntimeError("ternet.kernels.pointwise not available")
 
 
-def ort_qlinearconv(x, w, bias, zx, mult, zp_out, side, threads, u8_weights=False):
+def model_layers(name):
+    """Distinct (Cin, Cout, H*W) of the pointwise layers of a ternet model, in network order."""
+    import ternet
+    from ternet.layers import Pointwise, PointwiseAdd
+    m = ternet.load(name)
+    out = []
+    for layer in m.layers:
+        if isinstance(layer, (Pointwise, PointwiseAdd)):
+            plan = getattr(layer.plan, "pw", layer.plan)
+            shape = (plan.cin, plan.cout, layer.shape.h * layer.shape.w)
+            if shape not in out:
+                out.append(shape)
+    return out
+
+
+def ort_qlinearconv(x, w, bias, zx, mult, zp_out, side, threads, u8_weights=False, batch=1):
     """com.microsoft QLinearConv channels_last=1 (NHWC), bound to preallocated input and output.
     x_scale = y_scale = 1 and w_scale = mult give y = acc * mult + zp_out, our requant up to ties.
     u8_weights: w + 128 as uint8 with zero point 128 (same products, ORT's u8u8 kernels)."""
@@ -90,8 +112,8 @@ def ort_qlinearconv(x, w, bias, zx, mult, zp_out, side, threads, u8_weights=Fals
     node = helper.make_node("QLinearConv", ["X", "xs", "xz", "W", "ws", "wz", "ys", "yz", "B"], ["Y"],
                             domain="com.microsoft", channels_last=1, kernel_shape=[1, 1])
     graph = helper.make_graph(
-        [node], "pw", [helper.make_tensor_value_info("X", TensorProto.UINT8, [1, side, side, cin])],
-        [helper.make_tensor_value_info("Y", TensorProto.UINT8, [1, side, side, cout])], initializer=inits)
+        [node], "pw", [helper.make_tensor_value_info("X", TensorProto.UINT8, [batch, side, side, cin])],
+        [helper.make_tensor_value_info("Y", TensorProto.UINT8, [batch, side, side, cout])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
@@ -100,15 +122,15 @@ def ort_qlinearconv(x, w, bias, zx, mult, zp_out, side, threads, u8_weights=Fals
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    xin = np.ascontiguousarray(x.reshape(1, side, side, cin))
-    yout = np.empty((1, side, side, cout), np.uint8)
+    xin = np.ascontiguousarray(x.reshape(batch, side, side, cin))
+    yout = np.empty((batch, side, side, cout), np.uint8)
     binding = sess.io_binding()
     binding.bind_ortvalue_input("X", ort.OrtValue.ortvalue_from_numpy(xin))
     binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(yout))
     return (lambda: sess.run_with_iobinding(binding)), yout.reshape(-1, cout)
 
 
-def setup_layer(cin, cout, P, impls, threads, seed, int8=False):
+def setup_layer(cin, cout, P, impls, threads, seed, int8=False, batch=1):
     """({impl: callable} for the impls that can run here, {impl: why skipped}, {impl: max |diff|}
     of ORT runs that are inexact (int8 weights only; ternary ORT must be within +-1))."""
     x, w, bias, zx, mult, zp_out = make_layer(cin, cout, P, seed, int8)
@@ -117,8 +139,8 @@ def setup_layer(cin, cout, P, impls, threads, seed, int8=False):
     for impl in impls:
         try:
             if impl in ("ort", "ort-u8"):
-                fn, got = ort_qlinearconv(x, w, bias, zx, mult, zp_out, math.isqrt(P), threads,
-                                          u8_weights=impl == "ort-u8")
+                fn, got = ort_qlinearconv(x, w, bias, zx, mult, zp_out, math.isqrt(P // batch), threads,
+                                          u8_weights=impl == "ort-u8", batch=batch)
                 fn()
                 diff = int(np.abs(got.astype(np.int16) - want).max())
                 if diff > 1:
@@ -171,19 +193,25 @@ def main(argv=None):
     ap.add_argument("--sample-ms", type=float, default=2.0, help="minimum duration of one sample")
     ap.add_argument("--impls", help=f"default {','.join(IMPLS)}; with --int8 {','.join(INT8_IMPLS)}")
     ap.add_argument("--int8", action="store_true", help="full-range int8 weights instead of ternary")
+    ap.add_argument("--model", help="the pointwise shapes of this ternet model (name or file)")
+    ap.add_argument("--batch", type=int, default=1, help="images per call (P = batch * H * W)")
     args = ap.parse_args(argv)
     impls = [i for i in (args.impls or ",".join(INT8_IMPLS if args.int8 else IMPLS)).split(",") if i]
     numba.set_num_threads(args.threads)
+    layers = model_layers(args.model) if args.model else LAYERS
     print(f"threads={args.threads} rounds={args.rounds} weights={'int8' if args.int8 else 'ternary'} "
-          f"cpu: avx512vnni={cpu.has_avx512vnni()} avx2={cpu.has_avx2()} "
-          f"loadavg(start)={os.getloadavg()}")
-    head = f"{'layer (Cin->Cout @HxW)':24}{'MMAC':>7}" + "".join(f"{i:>10}" for i in impls)
-    print(head + "   (us, median; min in the sums line)")
+          f"batch={args.batch} shapes={args.model or 'MobileNetV2'}\n"
+          f"cpu: {cpu.cpu_name()} ({cpu.cpu_class()}) avx512vnni={cpu.has_avx512vnni()} "
+          f"avx2={cpu.has_avx2()} amx={cpu.has_amx()} loadavg(start)={os.getloadavg()}")
+    head = f"{'layer (Cin->Cout @HxW)':24}{'MMAC':>7}" + "".join(f"{i:>16}" for i in impls)
+    print(head + "   (us, median / min)")
     sums = {i: [0.0, 0.0] for i in impls}
     complete = {i: True for i in impls}
     skipped_all, inexact_all = {}, {}
-    for k, (cin, cout, P) in enumerate(LAYERS):
-        runs, skipped, inexact = setup_layer(cin, cout, P, impls, args.threads, seed=k, int8=args.int8)
+    for k, (cin, cout, hw) in enumerate(layers):
+        P = args.batch * hw
+        runs, skipped, inexact = setup_layer(cin, cout, P, impls, args.threads, seed=k, int8=args.int8,
+                                             batch=args.batch)
         skipped_all.update(skipped)
         for i, d in inexact.items():
             inexact_all[i] = max(d, inexact_all.get(i, 0))
@@ -193,16 +221,17 @@ def main(argv=None):
             if i in res:
                 sums[i][0] += res[i][0]
                 sums[i][1] += res[i][1]
-                cells.append(f"{res[i][0] * 1e6:10.1f}")
+                cells.append(f"{res[i][0] * 1e6:9.1f} /{res[i][1] * 1e6:5.0f}")
             else:
                 complete[i] = False
-                cells.append(f"{'n/a':>10}")
-        side = math.isqrt(P)
+                cells.append(f"{'n/a':>16}")
+        side = math.isqrt(hw)
         print(f"{f'{cin}->{cout} @{side}x{side}':24}{cin * cout * P / 1e6:7.1f}" + "".join(cells))
     for k, label in ((0, "sum (median)"), (1, "sum (min)")):
         print(label.ljust(31) + "".join(
-            f"{sums[i][k] * 1e6:10.0f}" if complete[i] else f"{'n/a':>10}" for i in impls))
-    for name, (a, b) in {"vnni/ort": ("vnni", "ort"), "avx2/ort": ("avx2", "ort"),
+            f"{sums[i][k] * 1e6:16.0f}" if complete[i] else f"{'n/a':>16}" for i in impls))
+    for name, (a, b) in {"vnni/ort": ("vnni", "ort"), "amx/vnni": ("amx", "vnni"), "amx/ort": ("amx", "ort"),
+                         "avx2/ort": ("avx2", "ort"),
                          "avx2/ort-u8": ("avx2", "ort-u8"), "plain/avx2": ("plain", "avx2"),
                          "addonly/vnni": ("addonly", "vnni"), "addonly/avx2": ("addonly", "avx2")}.items():
         if a in impls and b in impls and complete[a] and complete[b]:

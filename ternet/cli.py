@@ -16,7 +16,7 @@ import sys
 from .text import printable
 
 # Mirrors ternet.model.KERNEL_CHOICES (not imported: --help must stay cheap).
-KERNELS = ("auto", "vnni", "avx2", "addonly", "plain", "reference")
+KERNELS = ("auto", "amx", "vnni", "avx2", "addonly", "plain", "reference")
 PROGRESS_MIN = 8            # show a progress counter from this many images (TTY only)
 COMPILE_ESTIMATE_S = 60     # cold compile measured 30-90 s on the 2-core dev box (load-dependent)
 

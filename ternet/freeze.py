@@ -225,8 +225,10 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
             if symbol not in defined:
                 raise FrozenError(f"{symbol[:60]} not defined in its object code")
             index[id(disp), sig] = len(kernels)
+            # AMX kernels need the process's tile permission before they run (frozen.FrozenPlan)
             kernels.append({"name": disp.py_func.__qualname__, "symbol": symbol, "params": params,
-                            "undefined": sorted(undef), "obj": obj})
+                            "undefined": sorted(undef), "obj": obj,
+                            "amx": disp.py_func.__module__ == f"{_KERNELS}.amx"})
     regions.finish()
     rec_calls = []
     for (disp, args), sig in zip(calls, sigs):

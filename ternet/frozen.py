@@ -253,6 +253,10 @@ class FrozenPlan:
         self.input = self._view(meta["input"], bases)
         self.output = self._view(meta["output"], bases)
         # machine code
+        if any(k.get("amx") for k in meta["kernels"]):
+            from .kernels.cpu import amx_permission      # ctypes only, no numba
+            if not amx_permission():
+                raise FrozenError("the plan uses AMX and Linux refused this process the tile state")
         _resolve(ll, sorted({s for k in meta["kernels"] for s in k["undefined"]}))
         target = ll.Target.from_default_triple()
         self._engines, fns = [], []

@@ -22,7 +22,7 @@ from .layers import Add, Conv, Depthwise, GlobalAvgPool, Linear, Pointwise, Poin
 from .reference import (add_params, node_qparams, padding_of, pool_params, requant_params,
                         run_reference)
 
-KERNEL_CHOICES = ("auto", "vnni", "avx2", "addonly", "plain", "reference")
+KERNEL_CHOICES = ("auto", "amx", "vnni", "avx2", "addonly", "plain", "reference")
 MAX_CHUNK = 32        # images per internal batch: bounds arena memory for huge batches
 
 
@@ -32,6 +32,10 @@ def pointwise_impl(requested: str, weight: str) -> str:
     ternary = weight in ("ternary", "hybrid")
     if requested == "auto":
         return cpu.auto_impl(ternary)
+    if requested == "amx":
+        if not cpu.has_amx():
+            raise RuntimeError("kernels='amx' needs a CPU with AMX-INT8 (and Linux granting it)")
+        return "amx"
     if requested == "vnni":
         if not cpu.has_avx512vnni():
             raise RuntimeError("kernels='vnni' needs a CPU with AVX-512 VNNI; this one has none")
@@ -50,6 +54,8 @@ def int8_impl(requested: str) -> str:
     from .kernels import cpu
     if requested == "auto":
         return cpu.auto_impl(ternary=False)
+    if requested == "amx" and cpu.has_amx():
+        return "amx"
     if requested == "vnni" and cpu.has_avx512vnni():
         return "vnni"
     if requested == "avx2" and cpu.has_avx2():

@@ -1,8 +1,11 @@
-"""VNNI / AVX2 pointwise micro-kernels (ternet/kernels/vnni.py) == the pointwise reference, bit for bit.
+"""VNNI / AVX2 / AMX pointwise micro-kernels (ternet/kernels/vnni.py, amx.py) == the pointwise
+reference, bit for bit.
 
-emu512 (portable IR with vpdpbusd's semantics and the VNNI tiling) runs everywhere; the real
-avx512vnni, avx2 (ternary) and avx2i8 (int8) kernels run where the CPU has them, and the VNNI and
-avx2i8 code is also cross-compiled (Zen 4, Zen 3) to check the instructions it emits.
+emu512 (portable IR with vpdpbusd's semantics and the VNNI tiling) and emuamx (the AMX tiling with
+the tile instructions emulated) run everywhere; the real avx512vnni, amx, avx2 (ternary) and
+avx2i8 (int8) kernels run where the CPU has them (AMX plans here run every layer on AMX:
+by_size=False), and the VNNI, AMX and avx2i8 code is also cross-compiled (Zen 4, Sapphire Rapids,
+Zen 3) to check the instructions it emits.
 """
 import os
 import subprocess
@@ -24,7 +27,8 @@ EMU = "emu512"
 VNNI = pytest.param("avx512vnni", marks=pytest.mark.skipif(not cpu.has_avx512vnni(), reason="no AVX512-VNNI"))
 AVX2 = pytest.param("avx2", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
 AVX2I8 = pytest.param("avx2i8", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))
-ISAS = [EMU, VNNI, AVX2, AVX2I8]  # avx2 with int8 weights runs avx2i8: every isa takes both kinds
+AMX = pytest.param("amx", marks=pytest.mark.skipif(not cpu.has_amx(), reason="no AMX-INT8 (or not granted)"))
+ISAS = [EMU, VNNI, AVX2, AVX2I8, "emuamx", AMX]  # avx2 with int8 weights runs avx2i8: every isa takes both kinds
 @st.composite
 def layers(draw):
     """(P, Cin, Cout, zx, zp_out, lo, hi, seed): odd P down to 1, fan-in up to 1283, any Cout."""
@@ -43,7 +47,7 @@ def run_case(isa, ternary, P, cin, cout, zx, zp_out, lo, hi, seed):
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
     want = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
-    plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa)
+    plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False)
     assert (plan.cin, plan.cout) == (cin, cout)
     assert (plan.cin_p, plan.cout_p) == (-(-cin // 16) * 16, -(-cout // 16) * 16)
     xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
@@ -73,7 +77,7 @@ def test_int32_accumulators_exact(isa, case, ternary):
     P, cin, cout, zx, _, _, _, seed = case
     rng = np.random.default_rng(seed)
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
-    plan = vnni.make_pw_vnni(w, bias, zx, np.ones(cout, np.float32), 0, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(w, bias, zx, np.ones(cout, np.float32), 0, 0, 255, isa=isa, by_size=False)
     xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
     plan.accumulate(xb, P, acc)
     np.testing.assert_array_equal(acc[:P, :cout], ref_acc(x, zx, w, bias))
@@ -101,13 +105,13 @@ def test_extreme_products(isa, wval):
     w = np.full((cout, cin), wval, np.int8)
     w[cout // 2:, ::3] = -wval if wval > -128 else 127
     bias = rng.integers(-2**20, 2**20, cout, dtype=np.int32)
-    plan = vnni.make_pw_vnni(w, bias, 0, np.ones(cout, np.float32), 0, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(w, bias, 0, np.ones(cout, np.float32), 0, 0, 255, isa=isa, by_size=False)
     xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
     plan.accumulate(xb, P, acc)
     np.testing.assert_array_equal(acc[:P, :cout], ref_acc(x, 0, w, bias))
     check_untouched(acc, P)
     mult = pick_mult(rng, ref_acc(x, 0, w, bias), cout)
-    plan = vnni.make_pw_vnni(w, bias, 0, mult, 77, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(w, bias, 0, mult, 77, 0, 255, isa=isa, by_size=False)
     xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
     plan(xb, P, out)
     np.testing.assert_array_equal(out[:P, :cout], pointwise_ref(x, 0, w, bias, mult, 77, 0, 255))
@@ -124,7 +128,7 @@ def test_negated_weights_negate_accumulator(isa, case, ternary):
     zero, one = np.zeros(cout, np.int32), np.ones(cout, np.float32)
     accs = []
     for ww in (w, -w):
-        plan = vnni.make_pw_vnni(ww, zero, 0, one, 0, 0, 255, isa=isa)
+        plan = vnni.make_pw_vnni(ww, zero, 0, one, 0, 0, 255, isa=isa, by_size=False)
         xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
         plan.accumulate(xb, P, acc)
         accs.append(acc[:P])
@@ -138,7 +142,7 @@ def test_zero_weights_give_bias(isa):
     x = rng.integers(0, 256, (P, cin), dtype=np.uint8)
     bias = rng.integers(-300, 300, cout, dtype=np.int32)
     mult = np.full(cout, 0.37, np.float32)
-    plan = vnni.make_pw_vnni(np.zeros((cout, cin), np.int8), bias, 77, mult, 100, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(np.zeros((cout, cin), np.int8), bias, 77, mult, 100, 0, 255, isa=isa, by_size=False)
     xb, acc = buffers(x, P, plan.cin_p, plan.cout_p, rng, out_dtype=np.int32)
     plan.accumulate(xb, P, acc)
     assert (acc[:P, :cout] == bias).all()
@@ -158,7 +162,7 @@ def test_requant_rounds_product_before_adding(isa):
     fused = np.floor((acc.astype(np.float64) * mult + (zp + 0.5)).astype(np.float32))
     want = quant.requant_ref(acc[None, :], mult, zp, 0, 255)[0]
     assert (fused != want).sum() > 20            # the test can tell the two apart
-    plan = vnni.make_pw_vnni(np.zeros((cout, 4), np.int8), acc, 0, mult, zp, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(np.zeros((cout, 4), np.int8), acc, 0, mult, zp, 0, 255, isa=isa, by_size=False)
     xb, out = buffers(np.zeros((3, 4), np.uint8), 3, plan.cin_p, plan.cout_p, rng)
     plan(xb, 3, out)
     assert (out[:3, :cout] == want).all()
@@ -189,12 +193,12 @@ def test_results_independent_of_thread_count(isa):
     assert P * 96 * 208 >= vnni.PAR_MIN_MACS          # big enough to be split
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if isa == "avx2" else "int8", 9)
     mult = pick_mult(rng, ref_acc(x, 9, w, bias), cout)
-    plan = vnni.make_pw_vnni(w, bias, 9, mult, 30, 0, 255, isa=isa)
+    plan = vnni.make_pw_vnni(w, bias, 9, mult, 30, 0, 255, isa=isa, by_size=False)
     xb, _ = buffers(x, P, plan.cin_p, plan.cout_p, rng)
-    serial, par, _ = vnni.DRIVERS[isa]
+    serial, par, _ = vnni._drivers(isa)
     want = pointwise_ref(x, 9, w, bias, mult, 30, 0, 255)
     # emu512's parallel driver takes ~10 s to compile; its chunk logic is the serial one's
-    drivers = (serial,) if isa == "emu512" else (serial, par)
+    drivers = (serial,) if isa in ("emu512", "emuamx") else (serial, par)
     for threads in (1, 2, 3, 4, 7):
         chunks = vnni.split_work(P, plan.cout_p, plan.cin_p, vnni.ISAS[isa], threads)
         assert len(chunks) == threads          # pixel or channel splits, tails included
@@ -204,7 +208,7 @@ def test_results_independent_of_thread_count(isa):
             np.testing.assert_array_equal(out[:P, :cout], want)
     old = numba.get_num_threads()
     try:
-        for t in range(1, numba.config.NUMBA_NUM_THREADS + 1 if isa != "emu512" else 2):
+        for t in range(1, numba.config.NUMBA_NUM_THREADS + 1 if isa not in ("emu512", "emuamx") else 2):
             numba.set_num_threads(t)
             out = np.full((P + ROW_SLACK, plan.cout_p), POISON, np.uint8)
             plan(xb, P, out)
@@ -223,7 +227,7 @@ def test_no_access_past_the_buffers(isa):
     for P, cin, cout in [(1, 20, 40), (5, 64, 16), (49, 33, 50)]:
         x, w, bias = make_case(rng, P, cin, cout, "ternary" if isa == "avx2" else "int8", 4)
         mult = pick_mult(rng, ref_acc(x, 4, w, bias), cout)
-        plan = vnni.make_pw_vnni(w, bias, 4, mult, 10, 0, 255, isa=isa)
+        plan = vnni.make_pw_vnni(w, bias, 4, mult, 10, 0, 255, isa=isa, by_size=False)
         with guarded((P + ROW_SLACK, plan.cin_p), (P + ROW_SLACK, plan.cout_p)) as (xb, out):
             xb[...] = rng.integers(0, 256, xb.shape, dtype=np.uint8)
             xb[:P, :cin] = x
@@ -305,12 +309,17 @@ def test_requested_impl_and_best_choice(monkeypatch):
     with pytest.raises(ValueError):
         cpu.requested_impl()
     monkeypatch.setenv("TERNET_KERNELS", "auto")
-    for vnni_ok, avx2_ok, ternary, want in [(True, True, True, "vnni"), (True, False, False, "vnni"),
-                                            (False, True, True, "avx2"), (False, True, False, "avx2"),
-                                            (False, False, True, "addonly"), (False, False, False, "plain")]:
+    for amx_ok, vnni_ok, avx2_ok, ternary, want in [
+            (True, True, True, True, "amx"), (True, True, True, False, "amx"),
+            (False, True, True, True, "vnni"), (False, True, False, False, "vnni"),
+            (False, False, True, True, "avx2"), (False, False, True, False, "avx2"),
+            (False, False, False, True, "addonly"), (False, False, False, False, "plain")]:
+        monkeypatch.setattr(cpu, "has_amx", lambda: amx_ok)
         monkeypatch.setattr(cpu, "has_avx512vnni", lambda: vnni_ok)
         monkeypatch.setattr(cpu, "has_avx2", lambda: avx2_ok)
         assert cpu.best_pointwise_impl(ternary) == want
+        assert cpu.depthwise_impl() == ("vnni" if vnni_ok else "pairs")
+        assert cpu.cpu_class() in cpu.KERNEL_TABLE
     monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
     monkeypatch.setattr(cpu, "has_avx2", lambda: True)
     monkeypatch.setenv("TERNET_KERNELS", "plain")
@@ -327,12 +336,38 @@ def test_requested_impl_and_best_choice(monkeypatch):
     monkeypatch.setenv("TERNET_KERNELS", "vnni")
     with pytest.raises(RuntimeError):
         cpu.best_pointwise_impl(True)
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
+    monkeypatch.setenv("TERNET_KERNELS", "amx")
+    with pytest.raises(RuntimeError, match="AMX"):
+        cpu.best_pointwise_impl(True)
+
+
+def test_amx_runs_where_it_pays(monkeypatch):
+    """An AMX plan takes cpu.pointwise_isa's choice per call: VNNI for few input channels or
+    pixels, AMX above; both exact."""
+    assert cpu.pointwise_isa(cpu.AMX_MIN_CIN, 96, cpu.AMX_MIN_PIXELS) == "amx"
+    assert cpu.pointwise_isa(cpu.AMX_MIN_CIN - 1, 96, 10_000) == "avx512vnni"
+    assert cpu.pointwise_isa(1152, 96, cpu.AMX_MIN_PIXELS - 1) == "avx512vnni"
+    monkeypatch.setattr(cpu, "amx_permission", lambda: True)
+    monkeypatch.setattr(cpu, "can_run", lambda isa: True)
+    rng = np.random.default_rng(8)
+    for cin, P, want in [(80, 40, "amx"), (80, 7, "avx512vnni"), (24, 40, "avx512vnni")]:
+        x, w, bias = make_case(rng, P, cin, 40, "ternary", 5)
+        mult = pick_mult(rng, ref_acc(x, 5, w, bias), 40)
+        plan = vnni.make_pw_vnni(w, bias, 5, mult, 9, 0, 255, isa="amx")
+        isa, _, _ = plan._work(P)
+        assert isa == want
+        if cpu.has_amx() or isa != "amx":          # run it where the CPU can
+            xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
+            plan(xb, P, out)
+            np.testing.assert_array_equal(out[:P, :40], pointwise_ref(x, 5, w, bias, mult, 9, 0, 255))
 
 
 def test_model_kernel_choice(monkeypatch):
     """ternet.model: on an AVX2 CPU without VNNI, auto and avx2 run every pointwise weight kind and
     the stem GEMM on avx2 kernels; addonly stays multiplication-free where it can, plain portable."""
     from ternet.model import int8_impl, pointwise_impl
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
     monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
     monkeypatch.setattr(cpu, "has_avx2", lambda: True)
     for req in ("auto", "avx2"):
@@ -367,7 +402,7 @@ w = np.full((40, 72), 3, np.int8)     # an emu512 plan: no check that the host c
 plan = vnni.make_pw_vnni(w, np.zeros(40, np.int32), 0, np.ones(40, np.float32), 0, 0, 255, isa="emu512")
 x, out = np.zeros((20, plan.cin_p), np.uint8), np.zeros((20, plan.cout_p), np.uint8)
 args = (x, vnni.pack_weights(w, plan.cin_p, plan.cout_p, wide), plan.bias, plan.mult, plan.zph,
-        plan.lo, plan.hi, out, plan.nkb, plan._work(12)[1])
+        plan.lo, plan.hi, out, plan.nkb, plan._work(12)[2])
 sig = tuple(numba.typeof(a) for a in args)
 driver.compile(sig)
 asm = driver.inspect_asm(sig)
@@ -410,6 +445,40 @@ def test_avx2i8_asm_cross_compiled_for_zen3():
     assert n_wd >= 16 and n_ubsw == 0 and n_zmm == 0 and n_ymm > 0 and n_fma == 0
 
 
+_AMX_ASM_SCRIPT = """
+import re, sys, numba, numpy as np
+from ternet.kernels import amx, vnni
+w = np.full((40, 72), 3, np.int8)     # an emuamx plan: same weights, no check that the host has AMX
+plan = vnni.make_pw_vnni(w, np.zeros(40, np.int32), 0, np.ones(40, np.float32), 0, 0, 255, isa="emuamx")
+x, out = np.zeros((40, plan.cin_p), np.uint8), np.zeros((40, plan.cout_p), np.uint8)
+args = (x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, plan._work(30)[2])
+sig = tuple(numba.typeof(a) for a in args)
+amx.pw_i8_u8_amx.compile(sig)
+asm = amx.pw_i8_u8_amx.inspect_asm(sig)
+for pat in sys.argv[1:]:
+    print(len(re.findall(pat, asm)))
+"""
+
+
+def test_amx_asm_cross_compiled_for_sapphire_rapids():
+    """Compile (not run) the AMX driver for sapphirerapids: tile configuration and release,
+    tileloadd / tdpbusd / tilestored, vpdpbusd for the tail pixels, no FMA in the requant."""
+    import llvmlite.binding as llb
+    feats = llb.get_host_cpu_features()
+    for f in cpu.ISA_FEATURES["amx"] + ("avx512vl", "avx512dq"):
+        feats[f] = True
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CPU_NAME="sapphirerapids", NUMBA_CPU_FEATURES=feats.flatten(),
+               TERNET_NUMBA_CACHE="0", PYTHONPATH=root)
+    pats = [r"\bldtilecfg\b", r"\btilerelease\b", r"\btileloadd\b", r"\btdpbusd\b",
+            r"\btilestored\b", r"\bvpdpbusd\b", r"\bvfn?m(add|sub)"]
+    res = subprocess.run([sys.executable, "-c", _AMX_ASM_SCRIPT, *pats], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg, rel, load, dp, store, vnni_dp, fma = map(int, res.stdout.split()[-len(pats):])
+    assert cfg >= 1 and rel >= 1 and load > 0 and dp >= 4 and store >= 1 and vnni_dp > 0 and fma == 0
+
+
 def test_import_compiles_nothing():
     code = ("import ternet.kernels.vnni as v\n"
             "assert all(not d.signatures for ds in v.DRIVERS.values() for d in ds)\n"
@@ -433,7 +502,7 @@ def test_fused_residual_add_matches_reference(isa, case, ternary, add):
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
     q = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
-    plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa),
+    plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False),
                             zr, mr, zp_out, mq, zp2, lo2, hi2)
     xb, out = buffers(x, P, plan.pw.cin_p, plan.pw.cout_p, rng)
     res = rng.integers(0, 256, out.shape, dtype=np.uint8)

@@ -1,22 +1,51 @@
-"""CPU feature detection and the choice of pointwise kernel (see docs/kernels.md).
+"""CPU feature detection and the choice of kernels (KERNEL_TABLE; see docs/kernels.md).
 
 A feature counts only if the host CPU has it *and* numba compiles for it: `NUMBA_CPU_NAME` /
-`NUMBA_CPU_FEATURES` can make numba target less (or more) than the host offers.
-`TERNET_KERNELS=auto|vnni|avx2|addonly|plain` overrides the automatic choice.
+`NUMBA_CPU_FEATURES` can make numba target less (or more) than the host offers; AMX also needs
+Linux to grant the process its tile state. `TERNET_KERNELS=auto|amx|vnni|avx2|addonly|plain`
+overrides the automatic choice of the pointwise family.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import platform
+import sys
 
-IMPLS = ("vnni", "avx2", "addonly", "plain")
+IMPLS = ("amx", "vnni", "avx2", "addonly", "plain")
 
 # Features each ISA-specific micro-kernel needs (names as LLVM spells them).
 ISA_FEATURES = {
     "avx512vnni": ("avx512f", "avx512bw", "avx512vnni"),
     "avx2": ("avx2",),
     "avx2i8": ("avx2",),
+    "amx": ("amx-tile", "amx-int8", "avx512f", "avx512bw", "avx512vnni"),   # tails run VNNI
 }
+
+# The kernel each op runs on each CPU class (cpu_class(): the first class the CPU qualifies for).
+# The one place the choice is made; TERNET_KERNELS / Model(kernels=...) override the pointwise
+# family. "addonly|plain": the multiplication-free kernel for ternary (and hybrid) weights, the
+# portable dense one for int8. The stem is im2col + the pointwise family's int8 GEMM; the
+# classifier runs the plain-Numba dot product everywhere. Measured 2026-12 on a 2-core Intel Xeon
+# (AMX) with benchmarks/bench_depthwise.py and bench_pointwise.py, 1 thread (docs/kernels.md).
+KERNEL_TABLE = {
+    "amx":        {"pointwise": "amx",  "depthwise": "vnni"},    # amx: per layer, pointwise_isa
+    "avx512vnni": {"pointwise": "vnni", "depthwise": "vnni"},
+    "avx2":       {"pointwise": "avx2", "depthwise": "pairs"},
+    "generic":    {"pointwise": "addonly|plain", "depthwise": "pairs"},
+}
+# An AMX pointwise plan runs a call on AMX tiles when the layer has at least AMX_MIN_CIN input
+# channels (tdpbusd multiplies 64 of them at a time: 16-40 would waste 38-75 % of it; measured on
+# Lite0's layers: AMX 1.3-1.5x slower at Cin 16-32, even at 40, 2-3.5x faster from 80 up) and the
+# call at least AMX_MIN_PIXELS pixels (one 16-row tile), else on VNNI.
+AMX_MIN_PIXELS = 16
+AMX_MIN_CIN = 64
+
+# Linux x86-64: AMX tile data must be requested per process before the first tile instruction
+_SYS_ARCH_PRCTL = 158
+_ARCH_GET_XCOMP_PERM, _ARCH_REQ_XCOMP_PERM = 0x1022, 0x1023
+_XFEATURE_XTILEDATA = 18
 
 
 def _parse(flat: str) -> dict[str, bool]:
@@ -63,6 +92,56 @@ def can_run(isa: str) -> bool:
     return can_compile(isa) and all(f in host_features() for f in ISA_FEATURES[isa])
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor()), for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_class() -> str:
+    """The feature class this CPU's kernels are chosen by: amx, avx512vnni, avx2 or generic."""
+    if has_amx():
+        return "amx"
+    if has_avx512vnni():
+        return "avx512vnni"
+    return "avx2" if has_avx2() else "generic"
+
+
+@functools.lru_cache(maxsize=None)
+def amx_permission() -> bool:
+    """Ask Linux, once per process, for the AMX tile data state: arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA), then check ARCH_GET_XCOMP_PERM. False where refused (e.g. a signal stack
+    too small for the extra state, or a kernel older than 5.16), on other systems, or when the
+    call itself fails: callers then use the VNNI kernels. Needs no numba (frozen plans call it)."""
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        if libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                        ctypes.c_ulong(_XFEATURE_XTILEDATA)) != 0:
+            return False
+        granted = ctypes.c_uint64(0)
+        if libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_GET_XCOMP_PERM),
+                        ctypes.byref(granted)) != 0:
+            return False
+        return bool(granted.value >> _XFEATURE_XTILEDATA & 1)
+    except (OSError, AttributeError):
+        return False
+
+
+def has_amx() -> bool:
+    """AMX-INT8 usable here: the CPU has it, numba's target has it, and Linux granted the tile
+    state to this process."""
+    return has_avx512vnni() and can_run("amx") and amx_permission()
+
+
 def has_avx512vnni() -> bool:
     return can_run("avx512vnni")
 
@@ -72,12 +151,22 @@ def has_avx2() -> bool:
 
 
 def auto_impl(ternary: bool) -> str:
-    """The fastest exact pointwise kernel family for this CPU and weight kind."""
-    if has_avx512vnni():
-        return "vnni"
-    if has_avx2():
-        return "avx2"       # ternary: vpmaddubsw; int8 (and hybrid) weights: the exact vpmaddwd kernel
-    return "addonly" if ternary else "plain"
+    """The fastest exact pointwise kernel family for this CPU and weight kind (KERNEL_TABLE;
+    avx2 takes both kinds: vpmaddubsw for ternary, the exact vpmaddwd kernel for int8)."""
+    impl = KERNEL_TABLE[cpu_class()]["pointwise"]
+    if impl == "addonly|plain":
+        return "addonly" if ternary else "plain"
+    return impl
+
+
+def depthwise_impl() -> str:
+    """The fastest exact depthwise kernel layout for this CPU (KERNEL_TABLE; depthwise.DRIVERS)."""
+    return KERNEL_TABLE[cpu_class()]["depthwise"]
+
+
+def pointwise_isa(cin: int, cout: int, P: int) -> str:
+    """AMX or VNNI for a pointwise layer of P pixels on an AMX CPU (see KERNEL_TABLE)."""
+    return "amx" if P >= AMX_MIN_PIXELS and cin >= AMX_MIN_CIN else "avx512vnni"
 
 
 def requested_impl() -> str:
@@ -99,6 +188,8 @@ def best_pointwise_impl(ternary: bool) -> str:
         return auto_impl(ternary)
     if req == "addonly" and not ternary:
         raise ValueError(f"TERNET_KERNELS={req} needs ternary weights")
+    if req == "amx" and not has_amx():
+        raise RuntimeError("TERNET_KERNELS=amx but this CPU (or numba's target, or Linux) gives no AMX-INT8")
     if req == "vnni" and not has_avx512vnni():
         raise RuntimeError("TERNET_KERNELS=vnni but this CPU (or numba's target) lacks AVX512-VNNI")
     if req == "avx2" and not has_avx2():

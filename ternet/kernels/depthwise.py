@@ -1,4 +1,4 @@
-"""Depthwise k x k conv (int8 weights, uint8 NHWC activations): reference and kernel.
+"""Depthwise k x k conv (int8 weights, uint8 NHWC activations): reference and kernels.
 
 Definition (docs/kernels.md): taps outside the image contribute zero *real* value, i.e. the
 input is padded with its zero point zx:
@@ -31,6 +31,10 @@ the bytes are put back in channel order (one shuffle) before the store.
 Stride 1 with few channels: x[n, iy, ox:ox+m, :] is contiguous, so a run of m interior pixels is
 computed as one vector of m*Cp "channels" with weights, bias and multipliers tiled m times; this
 keeps the per-call overhead (tap table, loop setup) small for Cp = 16..128.
+
+On AVX512-VNNI CPUs the same driver runs `dw_vnni`'s micro-kernel instead (impl "vnni": 64
+channels per step with `vpdpbusd`, its own prepared layout; see that module), chosen by
+`cpu.depthwise_impl`. Its portable-IR twin "emu512" tests the layout and tiling on any CPU.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import quant
-from . import cpu
+from . import cpu, dw_vnni
 from ._jit import U, kernel, num_threads
 from .conv import tap_windows
 from .layout import CH_ALIGN, pad_to
@@ -220,24 +224,35 @@ def _emit_tile(ctx, b, sig, args, avx2):
                     body(None)
 
 
+# _tile variants (literal ints, one specialisation each): the pair layout on AVX2 (portable IR
+# where numba's target lacks AVX2), the pair layout on portable IR (tests), the masked-weight
+# layout of dw_vnni on AVX512-VNNI, and that layout on portable IR (emulation, tests)
+PAIRS, PAIRS_PORTABLE, VNNI, EMU512 = 0, 1, 2, 3
+
+
 @intrinsic
 def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
-          ostep, portable):
+          ostep, variant):
     """npix pixels p of n outputs each (n % 16 == 0): out[oo + p*ostep + c] = requant(bias[wo+c] +
     sum_t wq[t, wo+c] * xf[xo + p*xstep + tab[t] + c]),
-    tab[ky*k + kx] = ky*rs + kx*cs; xf u8, wq i16 pairs [(k*k+1)//2, ws, 2], bias i32, mult f32
-    (channels in PERM order within groups of 16). out i32: raw accumulators in channel order.
-    portable (a literal bool): portable vector IR even where AVX2 is available (tests)."""
-    if not isinstance(portable, types.BooleanLiteral):
-        raise numba.errors.TypingError("_tile: portable must be a literal bool")
-    avx2 = not portable.literal_value and cpu.can_compile("avx2")
+    tab[ky*k + kx] = ky*rs + kx*cs; xf u8, bias i32, mult f32; out i32: raw accumulators in
+    channel order. Pair layout: wq i16 pairs [(k*k+1)//2, ws, 2], channels in PERM order within
+    groups of 16; VNNI/EMU512: dw_vnni's layout, ws bytes per tap. variant: a literal int above."""
+    if not isinstance(variant, types.IntegerLiteral) or variant.literal_value not in range(4):
+        raise numba.errors.TypingError("_tile: variant must be a literal PAIRS..EMU512")
+    v = variant.literal_value
+    if v == VNNI and not cpu.can_compile("avx512vnni"):   # before any code generation
+        raise RuntimeError("ternet: this CPU (or numba's target) lacks avx512vnni")
     sig = types.void(xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
-                     ostep, portable)
+                     ostep, variant)
 
     def codegen(context, builder, sig, args):
-        args = [context.cast(builder, v, t, types.uint64) if isinstance(t, types.Integer) else v
-                for v, t in zip(args, sig.args)]
-        _emit_tile(context, builder, sig, args, avx2)
+        args = [context.cast(builder, a, t, types.uint64) if isinstance(t, types.Integer) else a
+                for a, t in zip(args, sig.args)]
+        if v in (VNNI, EMU512):
+            dw_vnni.emit_tile(context, builder, sig, args, native=v == VNNI)
+        else:
+            _emit_tile(context, builder, sig, args, v == PAIRS and cpu.can_compile("avx2"))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -246,10 +261,11 @@ def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out
 # ---------------------------------------------------------------------------------------------
 # Driver
 #
-# Prepared tensors (prepare_depthwise): w i16[(k*k+1)//2, L, 2] (tap pairs, odd tap count padded
-# with zero weights), folded bias i32[L], mult f32[L]; L = Cp * run, the channel axis tiled `run`
-# times (run > 1 only for stride 1, see FLAT_LEN), channels in PERM order within 16-groups; padded
-# channels have zero weight, bias and multiplier.
+# Prepared tensors (prepare_depthwise), impl "pairs": w i16[(k*k+1)//2, L, 2] (tap pairs, odd tap
+# count padded with zero weights), folded bias i32[L], mult f32[L]; L = Cp * run, the channel axis
+# tiled `run` times (run > 1 only for stride 1, see FLAT_LEN), channels in PERM order within
+# 16-groups; padded channels have zero weight, bias and multiplier. Impl "vnni"/"emu512": the same
+# tiled channel axis in dw_vnni's layout (w i8[k * (k+1)//2, 4*Lp], Lp = L rounded up to 64).
 #
 # Headroom: the final accumulator is bias + sum(w * (x - zx)) with the zero point folded, bounded by
 # the factory through |folded bias| + 255 * sum|w| <= 2**31 - 1. vpmaddwd's pair sums are exact
@@ -274,17 +290,17 @@ def _gather(xf, nb, iy0, ix0, H, W, rs, cs, zx, patch, k):
 
 
 @kernel()
-def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, patch, portable):
+def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch, variant):
     """Output rows [r0, r1) of the batch (r = n * Ho + oy): all Wo pixels and Cp channels.
-    out u8 (requantized) or i32 (accumulators)."""
+    out u8 (requantized) or i32 (accumulators). run: pixels per flat run (stride 1, see
+    FLAT_LEN; the prepared channel axis holds run copies)."""
     N, H, W, Cp = x.shape
     Ho, Wo = out.shape[1], out.shape[2]
-    L = bias.shape[0]
-    run = L // Cp if stride == 1 else 1
+    run = run if stride == 1 else 1
     xf = x.reshape(-1)
     wf = wq.reshape(-1)
     of = out.reshape(-1)
-    rs, cs, ws = U(W * Cp), U(Cp), U(L)
+    rs, cs, ws = U(W * Cp), U(Cp), U(wq.shape[1])
     kk, pks = U(k), U(k * Cp)
     # interior columns: ox*s - pl >= 0 and ox*s - pl + k <= W (floor division)
     cx_lo = min(Wo, (pl + stride - 1) // stride)
@@ -301,30 +317,30 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, pa
         xrow = nb + U(max(iy0, 0)) * rs
         if run == 1 and a < b:          # interior pixels of the row, one call
             _tile(xf, xrow + U(a * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo,
-                  hi, of, orow + U(a) * cs, cs, U(b - a), U(stride) * cs, cs, portable)
+                  hi, of, orow + U(a) * cs, cs, U(b - a), U(stride) * cs, cs, variant)
         elif run > 1:
             for p in range(a, b, run):  # stride 1, few channels: runs of up to `run` pixels
                 m = min(run, b - p)
                 _tile(xf, xrow + U(p * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph,
-                      lo, hi, of, orow + U(p) * cs, U(m) * cs, U(1), U(0), U(0), portable)
+                      lo, hi, of, orow + U(p) * cs, U(m) * cs, U(1), U(0), U(0), variant)
         for ox in range(Wo):
             if a <= ox < b:
                 continue
             _gather(xf, nb, iy0, ox * stride - pl, H, W, rs, cs, zx, patch, k)
             _tile(patch, U(0), pks, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi, of,
-                  orow + U(ox) * cs, cs, U(1), U(0), U(0), portable)
+                  orow + U(ox) * cs, cs, U(1), U(0), U(0), variant)
 
 
 @kernel()
-def dw_i8_u8(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, patch):
+def dw_i8_u8(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
     """Depthwise: x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp]; prepared tensors (see above), zph/lo/hi f32,
     patch u8[>= 1, k*k*Cp] scratch (row 0 used)."""
     _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          out, patch[0], False)
+          run, out, patch[0], PAIRS)
 
 
 @kernel(parallel=True)
-def dw_i8_u8_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, patch):
+def dw_i8_u8_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
     """dw_i8_u8 with the output rows of the batch split into patch.shape[0] contiguous chunks run by
     numba's threads. Every output is computed by the same code whatever the split, so results do
     not depend on the thread count."""
@@ -332,22 +348,71 @@ def dw_i8_u8_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, pat
     nch = min(nr, patch.shape[0])
     for i in prange(nch):
         _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt,
-              pl, out, patch[i], False)
+              pl, run, out, patch[i], PAIRS)
 
 
 @kernel()
-def dw_i8_u8_portable(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, out, patch):
+def dw_i8_u8_portable(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
     """dw_i8_u8 forced onto the portable vector IR (what CPUs without AVX2 run); for tests."""
     _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          out, patch[0], True)
+          run, out, patch[0], PAIRS_PORTABLE)
 
 
 @kernel()
-def dw_i8_i32(x, zx, wq, bias, mult, k, stride, pt, pl, acc, patch):
+def dw_i8_i32(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
     """Testing aid: int32 accumulators (bias and zero point included) -> acc i32[N,Ho,Wo,Cp]."""
     f = np.float32(0)
-    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, acc,
-          patch[0], False)
+    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
+          acc, patch[0], PAIRS)
+
+
+@kernel()
+def dw_i8_u8_vnni(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
+    """dw_i8_u8 on AVX512-VNNI (dw_vnni's layout): x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp]."""
+    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
+          run, out, patch[0], VNNI)
+
+
+@kernel(parallel=True)
+def dw_i8_u8_vnni_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
+    """dw_i8_u8_vnni with the rows split over numba's threads as in dw_i8_u8_par."""
+    nr = out.shape[0] * out.shape[1]
+    nch = min(nr, patch.shape[0])
+    for i in prange(nch):
+        _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt,
+              pl, run, out, patch[i], VNNI)
+
+
+@kernel()
+def dw_i8_i32_vnni(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
+    """Testing aid: dw_i8_u8_vnni's int32 accumulators -> acc i32[N,Ho,Wo,Cp]."""
+    f = np.float32(0)
+    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
+          acc, patch[0], VNNI)
+
+
+@kernel()
+def dw_i8_u8_emu512(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
+    """dw_i8_u8_vnni on portable IR (same layout and tiling, any CPU); for tests."""
+    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
+          run, out, patch[0], EMU512)
+
+
+@kernel()
+def dw_i8_i32_emu512(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
+    """Testing aid: dw_i8_u8_emu512's int32 accumulators -> acc i32[N,Ho,Wo,Cp]."""
+    f = np.float32(0)
+    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
+          acc, patch[0], EMU512)
+
+
+# impl -> (serial u8, parallel u8 or None, serial int32 accumulators); "emu512" runs serially
+DRIVERS = {
+    "pairs": (dw_i8_u8, dw_i8_u8_par, dw_i8_i32),
+    "vnni": (dw_i8_u8_vnni, dw_i8_u8_vnni_par, dw_i8_i32_vnni),
+    "emu512": (dw_i8_u8_emu512, None, dw_i8_i32_emu512),
+}
+IMPLS = tuple(DRIVERS)
 
 
 @kernel()
@@ -391,9 +456,9 @@ def permute16(a):
     return np.ascontiguousarray(g[..., list(PERM)].reshape(a.shape))
 
 
-def prepare_depthwise(w, bias, zx, mult, stride):
-    """Canonical w i8[k,k,C], raw bias i32[C], mult f32[C] -> kernel tensors (see Driver):
-    (w i16[(k*k+1)//2, L, 2], folded bias i32[L], mult f32[L]). Checks int32 headroom."""
+def prepare_depthwise(w, bias, zx, mult, stride, impl="pairs"):
+    """Canonical w i8[k,k,C], raw bias i32[C], mult f32[C] -> kernel tensors (see Driver; for
+    impl vnni/emu512 dw_vnni's layout): (w, folded bias, mult, run). Checks int32 headroom."""
     w = np.asarray(w)
     k, C = w.shape[0], w.shape[2]
     Cp = pad_to(C, CH_ALIGN)
@@ -402,6 +467,16 @@ def prepare_depthwise(w, bias, zx, mult, stride):
     if np.any(np.abs(folded.astype(np.int64)) + 255 * np.abs(wc).sum(axis=1) > I32_MAX):
         raise OverflowError("depthwise accumulator may exceed int32")
     run = max(1, FLAT_LEN // Cp) if stride == 1 else 1
+    if impl != "pairs":
+        wt = np.zeros((k * k, Cp), np.int8)
+        wt[:, :C] = w.reshape(k * k, C)
+        bp = np.zeros(Cp, np.int32)
+        bp[:C] = folded
+        mp = np.zeros(Cp, np.float32)
+        mp[:C] = np.asarray(mult, np.float32).reshape(-1)
+        wq, bq, mq = dw_vnni.prepare(np.tile(wt, (1, run)).reshape(k, k, -1), np.tile(bp, run),
+                                     np.tile(mp, run))
+        return _aligned(wq), bq, mq, run
     npairs = (k * k + 1) // 2
     wt = np.zeros((2 * npairs, Cp), np.int16)
     wt[:k * k, :C] = w.reshape(k * k, C)
@@ -411,7 +486,16 @@ def prepare_depthwise(w, bias, zx, mult, stride):
     bp[:C] = folded
     mp = np.zeros(Cp, np.float32)
     mp[:C] = np.asarray(mult, np.float32).reshape(-1)
-    return wq, permute16(np.tile(bp, run)), permute16(np.tile(mp, run))
+    return wq, permute16(np.tile(bp, run)), permute16(np.tile(mp, run)), run
+
+
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """C-contiguous copy of `a` starting on an `align`-byte boundary (weight vectors = cache lines)."""
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -429,7 +513,7 @@ class DepthwisePlan:
     Wo: int
     cp: int
     zx: np.uint8 = dataclasses.field(repr=False)
-    w: np.ndarray = dataclasses.field(repr=False)        # i16[(k*k+1)//2, L, 2]
+    w: np.ndarray = dataclasses.field(repr=False)        # i16[(k*k+1)//2, L, 2] or dw_vnni's
     bias: np.ndarray = dataclasses.field(repr=False)     # i32[L], zero point folded
     mult: np.ndarray = dataclasses.field(repr=False)     # f32[L]
     zph: np.float32 = dataclasses.field(repr=False)
@@ -439,6 +523,8 @@ class DepthwisePlan:
     padded: bool = False     # copy x into a zero-point-bordered buffer first (see make_depthwise)
     Hp: int = 0              # its height and width (padded only)
     Wp: int = 0
+    run: int = 1             # pixels per flat run (stride 1): L = run * Cp
+    impl: str = "pairs"      # a key of DRIVERS
     _scratch: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def _check(self, x4d, out4d, odt):
@@ -453,7 +539,7 @@ class DepthwisePlan:
 
     def _args(self, x4d):
         return (x4d, self.zx, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, self.k,
-                self.stride, self.pad_top, self.pad_left)
+                self.stride, self.pad_top, self.pad_left, self.run)
 
     def padded_bytes(self, n: int) -> int:
         """Bytes of the bordered input copy for a batch of n images (0 if not padded)."""
@@ -476,25 +562,29 @@ class DepthwisePlan:
                     scratch = self._scratch["pad"] = np.empty(need, np.uint8)
             xp = scratch[:need].reshape(n, self.Hp, self.Wp, self.cp)
             pad_u8(x4d, self.zx, self.pad_top, self.pad_left, xp)
-            args = (xp,) + args[1:-2] + (0, 0)
+            args = (xp,) + args[1:-3] + (0, 0, self.run)
+        serial, par, _ = DRIVERS[self.impl]
         threads = num_threads()
-        if threads > 1 and n * self.Ho * self.Wo * self.cp * self.k * self.k >= PAR_MIN_MACS:
-            dw_i8_u8_par(*args, out4d, self.patch[:threads])
+        if (par is not None and threads > 1
+                and n * self.Ho * self.Wo * self.cp * self.k * self.k >= PAR_MIN_MACS):
+            par(*args, out4d, self.patch[:threads])
         else:
-            dw_i8_u8(*args, out4d, self.patch)
+            serial(*args, out4d, self.patch)
 
     def portable(self, x4d, out4d):
-        """Testing aid: __call__ on the portable (non-AVX2) code path, single thread."""
+        """Testing aid: __call__ on the portable code path of the plan's layout (what CPUs without
+        AVX2, or without AVX512-VNNI, would run), single thread."""
         self._check(x4d, out4d, np.uint8)
         if x4d.shape[0]:
-            dw_i8_u8_portable(*self._args(x4d), out4d, self.patch)
+            fn = dw_i8_u8_portable if self.impl == "pairs" else dw_i8_u8_emu512
+            fn(*self._args(x4d), out4d, self.patch)
 
     def accumulate(self, x4d, acc4d):
         """Testing aid: int32 accumulators of all Cp channels into acc4d i32[N,Ho,Wo,Cp]."""
         self._check(x4d, acc4d, np.int32)
         if x4d.shape[0]:
-            dw_i8_i32(x4d, self.zx, self.w, self.bias, self.mult, self.k, self.stride, self.pad_top,
-                      self.pad_left, acc4d, self.patch)
+            DRIVERS[self.impl][2](x4d, self.zx, self.w, self.bias, self.mult, self.k, self.stride,
+                                  self.pad_top, self.pad_left, self.run, acc4d, self.patch)
 
 
 def _border_pixels(k, stride, pad, size, out):
@@ -518,13 +608,19 @@ def pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo) -> bool:
 
 
 def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left, H, W, Ho, Wo,
-                   pad_input=None):
+                   pad_input=None, impl=None):
     """Prepare a depthwise layer from canonical tensors: w int8 [k,k,C], raw bias int32 [C],
     input zero point zx, mult float32 [C], output zero point, clamp bounds; geometry from
     quant.conv_padding. Any batch size; nothing is allocated per call, except the bordered input
     copy when the caller passes no scratch (first call per larger batch, then kept).
     pad_input: copy the input into a zero-point-bordered buffer first, so every pixel takes the
-    interior path (None: when pads_input says it is cheaper; True/False force it, for tests)."""
+    interior path (None: when pads_input says it is cheaper; True/False force it, for tests).
+    impl: a key of DRIVERS, None for the fastest on this CPU (cpu.depthwise_impl)."""
+    impl = cpu.depthwise_impl() if impl is None else impl
+    if impl not in DRIVERS:
+        raise ValueError(f"unknown depthwise impl {impl!r}; expected one of {IMPLS}")
+    if impl == "vnni" and not cpu.can_run("avx512vnni"):
+        raise RuntimeError("depthwise impl 'vnni' needs AVX512-VNNI; this CPU (or numba's target) lacks it")
     w = np.asarray(w)
     if w.ndim != 3 or w.shape[0] != w.shape[1] or w.dtype.kind not in "iu":
         raise ValueError(f"w must be an integer array [k, k, C], got {w.dtype} {w.shape}")
@@ -537,9 +633,11 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
         raise ValueError(f"bad stride/padding {stride}, ({pad_top}, {pad_left}) for k={k}")
     if not (0 <= int(zx) <= 255 and 0 <= int(lo) <= int(hi) <= 255):
         raise ValueError(f"need 0 <= zx <= 255 and 0 <= lo <= hi <= 255, got {zx}, {lo}, {hi}")
+    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
+        raise ValueError("multipliers must be finite")
     if Ho < 1 or Wo < 1 or (Ho - 1) * stride - pad_top >= H or (Wo - 1) * stride - pad_left >= W:
         raise ValueError(f"output {Ho}x{Wo} does not fit input {H}x{W} with stride {stride}")
-    wq, bp, mp = prepare_depthwise(w, bias, zx, mult, stride)
+    wq, bp, mp, run = prepare_depthwise(w, bias, zx, mult, stride, impl)
     Cp = pad_to(C, CH_ALIGN)
     patch = np.zeros((numba.config.NUMBA_NUM_THREADS, k * k * Cp), np.uint8)
     if pad_input is None:
@@ -548,4 +646,5 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     Wp = max((Wo - 1) * stride + k, pad_left + W) if pad_input else 0
     return DepthwisePlan(C, k, int(stride), int(pad_top), int(pad_left), int(H), int(W), int(Ho),
                          int(Wo), Cp, np.uint8(zx), wq, bp, mp, quant.zp_bias(zp_out),
-                         np.float32(lo), np.float32(hi), patch, bool(pad_input), int(Hp), int(Wp))
+                         np.float32(lo), np.float32(hi), patch, bool(pad_input), int(Hp), int(Wp),
+                         run, impl)

@@ -600,10 +600,10 @@ def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
 
 def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
     """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.best_pointwise_impl)."""
-    if impl in ("vnni", "avx2"):
+    if impl in ("vnni", "avx2", "amx"):
         from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
         return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi,
-                            isa="avx512vnni" if impl == "vnni" else "avx2")
+                            isa={"vnni": "avx512vnni", "avx2": "avx2", "amx": "amx"}[impl])
     if impl == "addonly":
         return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi)
     if impl == "plain":

@@ -74,8 +74,12 @@ ISAS = {
     "avx2": Isa("avx2", 8, 4, 1, (2, 4), kgroup=64),
     "avx2i8": Isa("avx2i8", 8, 4, 1, (2, 4), wbytes=2),
     "emu512": Isa("emu512", 16, 6, 2, (2, 4, 6)),
+    # AMX-INT8 (amx.py): 16-pixel x 64-channel tiles; its chunks' tail pixels run avx512vnni
+    "amx": Isa("amx", 16, 16, 4, (16,)),
+    "emuamx": Isa("emuamx", 16, 16, 4, (16,)),      # amx emulated (tests)
 }
-IMPL_OF = {"avx512vnni": "vnni", "avx2": "avx2", "avx2i8": "avx2", "emu512": "emu512"}
+IMPL_OF = {"avx512vnni": "vnni", "avx2": "avx2", "avx2i8": "avx2", "emu512": "emu512", "amx": "amx",
+           "emuamx": "emuamx"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +98,41 @@ def _splat(b, scalar, n):
 def _x86(b, name, ret, argtys):
     """Declare (once per module) an LLVM intrinsic by its full name."""
     return b.module.declare_intrinsic(name, fnty=ir.FunctionType(ret, argtys))
+
+
+def dpbusd(b, acc, a, w, native: bool):
+    """<16 x i32> acc + per lane the sum of its 4 products u8(a byte) * s8(w byte), a and w any
+    512-bit vectors: `vpdpbusd` (native; never the saturating vpdpbusds), else the same exact,
+    wrapping int32 arithmetic in portable IR (emulation on CPUs without AVX512-VNNI)."""
+    v16i32, v64i8 = ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
+    if native:
+        # LLVM >= 22 types the byte operands as <64 x i8>; older versions use <16 x i32>
+        # (which LLVM 22 still auto-upgrades).
+        opty = v64i8 if llb.llvm_version_info >= (22,) else v16i32
+        fn = _x86(b, "llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32, opty, opty])
+        return b.call(fn, [acc, b.bitcast(a, opty), b.bitcast(w, opty)])
+    return b.call(_emu_dpbusd(b.module), [acc, b.bitcast(a, v64i8), b.bitcast(w, v64i8)])
+
+
+def _emu_dpbusd(module):
+    """The portable vpdpbusd as one noinline function per module: inlined at every call site of a
+    register-tiled kernel, the widened 64-lane arithmetic took LLVM minutes to compile."""
+    name = "ternet_emu_dpbusd"
+    if name in module.globals:
+        return module.globals[name]
+    v16i32, v64i8, v64i32 = ir.VectorType(_i32, 16), ir.VectorType(_i8, 64), ir.VectorType(_i32, 64)
+    fn = ir.Function(module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    b = ir.IRBuilder(fn.append_basic_block())
+    acc, a, w = fn.args
+    prod = b.mul(b.zext(a, v64i32), b.sext(w, v64i32))
+    undef = ir.Constant(v64i32, ir.Undefined)
+    for k in range(4):
+        lanes = ir.Constant(ir.VectorType(_i32, 16), [4 * l + k for l in range(16)])
+        acc = b.add(acc, b.shuffle_vector(prod, undef, lanes))
+    b.ret(acc)
+    return fn
 
 
 class _Emitter:
@@ -238,25 +277,33 @@ class _Emitter:
         # (no contraction flags: an FMA would round once and differ), clamp to [lo, hi], floor.
         # After the clamp 0 <= lo <= v <= hi <= 255, so floor + narrowing is exactly fptoui to i8,
         # which LLVM lowers to cvttps2dq + pack (vpmovdb) with no rounding or masking steps.
-        mult = [b.load(self._ptr(self.mult, b.mul(c, _const(4)), self.vf), align=1) for c in chan]
-        sub = 16 // n
+        mult = self._multipliers(chan)
         for i in range(h):
-            orow = b.mul(b.add(pt, _const(i)), self.os)
-            vals = []
-            for j in range(nvec):
-                acc = b.load(accs[i][j])
-                if self.acc_out:
-                    ofs = b.add(orow, b.mul(chan[j], _const(4)))
-                    b.store(acc, self._ptr(self.out, ofs, self.vi), align=1)
-                    continue
-                vals.append(self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), mult[j]), self.zph)))
-            if self.fused:
-                vals = [self._add_residual(v, b.add(pt, _const(i)), c) for v, c in zip(vals, chan)]
-            qs = [b.fptoui(v, ir.VectorType(_i8, n)) for v in vals]
-            for j in range(0, len(qs), sub):       # one 16-byte store per 16 channels
-                q = qs[j] if sub == 1 else b.shuffle_vector(
-                    qs[j], qs[j + 1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
-                b.store(q, self._ptr(self.out, b.add(orow, chan[j]), q.type), align=1)
+            self._store_row(b.add(pt, _const(i)), chan, [b.load(a) for a in accs[i]], mult)
+
+    def _multipliers(self, chan):
+        return [self.b.load(self._ptr(self.mult, self.b.mul(c, _const(4)), self.vf), align=1)
+                for c in chan]
+
+    def _store_row(self, row, chan, accs, mult):
+        """Output row `row`, channels chan[j] .. chan[j] + lanes: the int32 accumulators accs[j]
+        requantized (and added to the residual when fused), or stored raw (int32 output)."""
+        b, n = self.b, self.isa.lanes
+        orow = b.mul(row, self.os)
+        if self.acc_out:
+            for acc, c in zip(accs, chan):
+                b.store(acc, self._ptr(self.out, b.add(orow, b.mul(c, _const(4))), self.vi), align=1)
+            return
+        vals = [self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), m), self.zph))
+                for acc, m in zip(accs, mult)]
+        if self.fused:
+            vals = [self._add_residual(v, row, c) for v, c in zip(vals, chan)]
+        qs = [b.fptoui(v, ir.VectorType(_i8, n)) for v in vals]
+        sub = 16 // n
+        for j in range(0, len(qs), sub):       # one 16-byte store per 16 channels
+            q = qs[j] if sub == 1 else b.shuffle_vector(
+                qs[j], qs[j + 1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+            b.store(q, self._ptr(self.out, b.add(orow, chan[j]), q.type), align=1)
 
     def _clamp(self, v, lo=None, hi=None):
         """min(max(v, lo), hi) for finite v, as vmaxps/vminps. Plain selects would do, but for
@@ -311,25 +358,14 @@ class _Emitter:
             madd_wd = _x86(b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
             p0, p1 = (b.call(madd_wd, [x, b.bitcast(wv, self.vnarrow)]) for x, wv in zip(a, w))
             return b.add(acc, b.add(p0, p1))
-        if name == "avx512vnni":
-            # LLVM >= 22 types the byte operands as <64 x i8>; older versions use <16 x i32>
-            # (which LLVM 22 still auto-upgrades).
-            opty = ir.VectorType(_i8, 64) if llb.llvm_version_info >= (22,) else self.vi
-            fn = _x86(b, "llvm.x86.avx512.vpdpbusd.512", self.vi, [self.vi, opty, opty])
-            return b.call(fn, [acc, b.bitcast(a, opty), b.bitcast(w, opty)])
+        if name in ("avx512vnni", "emu512"):
+            return dpbusd(b, acc, a, w, native=name == "avx512vnni")
         if name == "avx2":
             v32i8 = ir.VectorType(_i8, 32)
             madd_ub = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", self.vnarrow, [v32i8, v32i8])  # u8 first
             pairs = b.call(madd_ub, [b.bitcast(a, v32i8), b.bitcast(w, v32i8)])
             return self._widen(acc, pairs) if acc.type == self.vi else b.add(acc, pairs)
-        # emu512: widen, multiply, and add the 4 products of each lane (exact, wrapping int32)
-        v64i8, v64i32 = ir.VectorType(_i8, 64), ir.VectorType(_i32, 64)
-        prod = b.mul(b.zext(b.bitcast(a, v64i8), v64i32), b.sext(b.bitcast(w, v64i8), v64i32))
-        undef = ir.Constant(v64i32, ir.Undefined)
-        for k in range(4):
-            lanes = ir.Constant(ir.VectorType(_i32, 16), [4 * l + k for l in range(16)])
-            acc = b.add(acc, b.shuffle_vector(prod, undef, lanes))
-        return acc
+        raise ValueError(f"no multiply-accumulate for isa {name!r}")
 
     def _widen(self, acc, narrow):
         """acc (int32) + adjacent int16 lane pairs of `narrow` (vpmaddwd with ones)."""
@@ -554,6 +590,23 @@ ADD_DRIVERS = {
 }
 
 
+def _drivers(isa: str) -> tuple:
+    """(serial u8, parallel u8, serial int32) drivers of isa; AMX's are in amx.py, imported on
+    first use."""
+    if isa in ("amx", "emuamx"):
+        from . import amx     # noqa: PLC0415
+        return amx.DRIVERS[isa]
+    return DRIVERS[isa]
+
+
+def _add_drivers(isa: str) -> tuple:
+    """(serial, parallel) drivers of isa with the residual add fused."""
+    if isa in ("amx", "emuamx"):
+        from . import amx     # noqa: PLC0415
+        return amx.ADD_DRIVERS[isa]
+    return ADD_DRIVERS[isa]
+
+
 # ---------------------------------------------------------------------------------------------
 # Load-time preparation and the plan
 
@@ -613,20 +666,26 @@ class PwVnniPlan:
     lo: np.float32 = dataclasses.field(repr=False)
     hi: np.float32 = dataclasses.field(repr=False)
     nkb: int = dataclasses.field(repr=False)             # K steps: ceil(cin / 4), padding skipped
+    by_size: bool = dataclasses.field(default=True, repr=False)   # amx: VNNI where AMX does not pay
     _chunks: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def _check(self, x, P, out, out_dtype):
         check_pw_buffers(x, P, out, self.cin_p, self.cout_p, out_dtype)
 
     def _work(self, P):
-        """(driver, chunks) for P pixels. Small layers never ask for the thread count (1 us)."""
+        """(isa, driver, chunks) for P pixels: an AMX plan runs the layer on VNNI where
+        cpu.pointwise_isa says AMX does not pay at this size. Small layers never ask for the
+        thread count (1 us)."""
         threads = 1 if P * self.cin_p * self.cout_p < PAR_MIN_MACS else num_threads()
         key = (P, threads)
         work = self._chunks.get(key)
         if work is None:
-            chunks = split_work(P, self.cout_p, self.cin_p, ISAS[self.isa], threads)
-            serial, par, _ = DRIVERS[self.isa]
-            work = self._chunks[key] = (par if len(chunks) > 1 else serial), chunks
+            isa = self.isa
+            if isa == "amx" and self.by_size:
+                isa = cpu.pointwise_isa(self.cin, self.cout, P)
+            chunks = split_work(P, self.cout_p, self.cin_p, ISAS[isa], threads)
+            serial, par, _ = _drivers(isa)
+            work = self._chunks[key] = isa, (par if len(chunks) > 1 else serial), chunks
         return work
 
     def __call__(self, x, P, out):
@@ -636,7 +695,7 @@ class PwVnniPlan:
                 or not x.flags.c_contiguous or not out.flags.c_contiguous):
             self._check(x, P, out, _U8)
         if P:
-            driver, chunks = self._work(P)
+            _, driver, chunks = self._work(P)
             driver(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, out, self.nkb, chunks)
 
     def accumulate(self, x, P, acc):
@@ -644,16 +703,19 @@ class PwVnniPlan:
         self._check(x, P, acc, np.dtype(np.int32))
         if P:
             whole = np.array([[0, P, 0, self.cout_p]], np.int64)
-            DRIVERS[self.isa][2](x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, acc,
-                                 self.nkb, whole)
+            _drivers(self.isa)[2](x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, acc,
+                                  self.nkb, whole)
 
 
-def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni") -> PwVnniPlan:
-    """Prepare a pointwise layer for the VNNI/AVX2 micro-kernels from canonical tensors:
+def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
+                 by_size: bool = True) -> PwVnniPlan:
+    """Prepare a pointwise layer for the VNNI/AVX2/AMX micro-kernels from canonical tensors:
     w int8 [Cout, Cin] (ternary = -1/0/1), raw bias int32 [Cout], input zero point zx,
     mult float32 [Cout], output zero point and clamp bounds (see quant.py). isa="avx2" runs the
     ternary vpmaddubsw kernel when every weight is in {-1, 0, 1}, else avx2i8 (hybrid layers: all
-    rows int8); isa="avx2i8" forces the int8 kernel."""
+    rows int8); isa="avx2i8" forces the int8 kernel. isa="amx": AMX-INT8 where
+    cpu.pointwise_isa chooses it for the call's pixel count, else VNNI (by_size=False: always
+    AMX, for tests and benchmarks)."""
     if isa not in ISAS:
         raise ValueError(f"unknown isa {isa!r}; expected one of {tuple(ISAS)}")
     w = np.asarray(w)
@@ -669,6 +731,8 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni") -> 
         raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
     if isa in cpu.ISA_FEATURES and not cpu.can_run(isa):
         raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.best_pointwise_impl")
+    if isa == "amx" and not cpu.amx_permission():
+        raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl); use vnni")
     cout, cin = w.shape
     w = w.astype(np.int8)
     bias_f = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
@@ -681,10 +745,12 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni") -> 
     biasp[:cout] = bias_f
     multp = np.zeros(cout_p, np.float32)
     multp[:cout] = np.asarray(mult, np.float32).reshape(-1)
-    wp = pack_weights(w, cin_p, cout_p, wide=ISAS[isa].wbytes == 2)
+    # AMX reads whole 64-channel blocks of weights (VNNI reads only the first cin_p of them)
+    wp = pack_weights(w, pad_to(cin, 64) if isa in ("amx", "emuamx") else cin_p, cout_p,
+                      wide=ISAS[isa].wbytes == 2)
     return PwVnniPlan(cin, cout, cin_p, cout_p, IMPL_OF[isa], isa, wp,
                       biasp, multp, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
-                      -(-cin // 4))
+                      -(-cin // 4), by_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -711,8 +777,8 @@ class PwAddPlan:
             raise ValueError(f"residual must be C-contiguous u8[>= {P + ROW_SLACK}, {pw.cout_p}], "
                              f"got {res.dtype} {res.shape}")
         if P:
-            _, chunks = pw._work(P)
-            serial, par = ADD_DRIVERS[pw.isa]
+            isa, _, chunks = pw._work(P)
+            serial, par = _add_drivers(isa)
             (par if len(chunks) > 1 else serial)(
                 x, pw.w, pw.bias, pw.mult, pw.zph, pw.lo, pw.hi, out, pw.nkb, chunks,
                 res, self.zr, self.mr, self.zq, self.mq, self.zph, self.lo, self.hi)
