@@ -379,6 +379,43 @@ def test_a_real_1001_class_model_keeps_its_first_class(tmp_path):
     assert read_model(tmp_path / "m.safetensors").labels[0] == "thing 0"
 
 
+def dead_filter_net(act, seed=22):
+    """Stem conv whose channel 2 has a bias at the int32 limit (a quantizer's dead filter)."""
+    net = Net(seed=seed)
+    net.conv(8, k=3, stride=2, act=act)
+    b = net.tensors[net.ops[-1].inputs[2]]
+    b.data = b.data.copy()
+    b.data[2] = -(2**31) + 1000
+    net.mean()
+    return net.classifier(3)
+
+
+def test_dead_filter_at_a_clamp_is_zeroed_and_reported(tmp_path):
+    net = dead_filter_net("relu6")        # its output is 0 for every input, with or without weights
+    out = tmp_path / "m.safetensors"
+    report = convert(net.save(tmp_path / "m.tflite"), out)
+    assert any("1 numerically dead filter(s)" in line for line in report.notes)
+    mf = read_model(out)
+    w = mf.tensor(mf.graph[0], "weight")
+    assert not w[2].any() and np.array_equal(np.delete(w, 2, 0),
+                                             np.delete(net.tensors[net.ops[1].inputs[1]].data, 2, 0))
+    # the exact output: the clamp's lower bound. (LiteRT is no reference here: its int32
+    # accumulator wraps around for this channel.)
+    y = run_node(mf, mf.graph[0], [images(net)])
+    assert np.all(y[..., 2] == mf.tensor(mf.graph[0], "output_zero_point")[0])
+
+
+def test_accumulator_overflow_of_a_live_channel_is_refused(tmp_path):
+    net = dead_filter_net("none")
+    stem = net.ops[1]
+    s_w = net.tensors[stem.inputs[1]].scales[2]
+    # an output scale at which the bias lands mid-range: the weights then move the output
+    net.tensors[stem.outputs[0]].scales = [float(np.float32(1 / 127.5) * s_w * 2**31 / 100)]
+    with pytest.raises(ConversionError, match=r"op #1 CONV_2D .*output channel 2: bias -2147482648 "
+                                              r"and its weights can overflow"):
+        convert(net.save(tmp_path / "m.tflite"), tmp_path / "m.safetensors")
+
+
 def test_default_preprocessing_feeds_raw_pixels(tmp_path):
     net = Net(seed=11, size=16)
     net.conv(4, k=3, stride=2)

@@ -25,8 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFormatError
+from ..quant import activation_bounds
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+INT32_MAX = 2**31 - 1
+DEAD_FILTER_STEPS = 0.01     # weights that can move an output by less than this are noise
+CLAMP_MARGIN = 1e-3          # output steps kept from a clamp bound (float rounding of acc * m)
 STANDARD_CROP_RATIO = 224 / 256        # resize shorter side to crop / 0.875, then centre crop
 
 
@@ -83,6 +87,9 @@ class GraphBuilder:
         self.ternary_layers: list[str] = []
         self.notes: list[str] = []
         self._bias_rounding = 0.0          # largest bias change of a ternary layer, output steps
+        self._dead_filters = 0
+        self._dead_filters_clamped = 0     # of those, outputs at a clamp bound for every input
+        self._dead_filter_steps = 0.0
 
     # ------------------------------------------------------------------ nodes
     def input(self, height: int, width: int, scale: float, zero_point: int) -> Value:
@@ -95,6 +102,8 @@ class GraphBuilder:
              activation: str, where: str) -> Value:
         """weight int8 [cout, k, k, cin]: `pointwise` when 1x1 stride 1, else `conv2d`."""
         cout, k, _, cin = weight.shape
+        weight = self._dead_filters_zeroed(weight.reshape(cout, -1), bias, x, weight_scale, out_q,
+                                           activation, where).reshape(weight.shape)
         if k == 1 and stride == 1 and x.node != "input":
             return self._pointwise(x, weight.reshape(cout, cin), bias, weight_scale, out_q,
                                    activation, where)
@@ -109,6 +118,8 @@ class GraphBuilder:
                   activation: str, where: str) -> Value:
         """weight int8 [k, k, C]."""
         k, _, c = weight.shape
+        weight = self._dead_filters_zeroed(weight.reshape(-1, c).T, bias, x, weight_scale, out_q,
+                                           activation, where).T.reshape(weight.shape)
         geometry = _output_size(padding, x.shape, k, stride)
         name = self._add_node("depthwise", [x], {"channels": c, "kernel": k, "stride": stride,
                                                  "padding": padding, "activation": activation})
@@ -195,7 +206,54 @@ class GraphBuilder:
         self.tensors[f"{name}.weight_scale"] = (np.asarray(weight_scale, np.float64) *
                                                 step).astype(np.float32)
 
+    def _dead_filters_zeroed(self, w, bias, x: Value, weight_scale, out_q, activation,
+                             where) -> np.ndarray:
+        """w int8 [cout, K] with the weights of numerically dead filters zeroed.
+
+        ternet's loader refuses a layer whose int32 accumulator could overflow (|bias| + 255
+        sum|w|, also with the input zero point folded into the bias). Quantizers produce that
+        for filters whose float weights are ~1e-9 (dead after training): a tiny weight scale
+        turns an ordinary bias into a clipped ~2**31 integer. Such a channel's weights are
+        zeroed (reported) if its output is the same clamp bound for every input with and
+        without them, or if they can move it by less than DEAD_FILTER_STEPS output steps;
+        otherwise the conversion is refused, naming the channel."""
+        w64 = w.astype(np.int64)
+        wa, ws, b = np.abs(w64).sum(axis=1), w64.sum(axis=1), np.asarray(bias, np.int64)
+        over = ((np.abs(b) + 255 * wa > INT32_MAX) |
+                (np.abs(b - x.zero_point * ws) + 255 * wa > INT32_MAX))
+        if not over.any():
+            return w
+        m = np.float64(x.scale) * np.asarray(weight_scale, np.float64) / out_q[0]
+        steps = 255 * wa * m
+        # accumulator range over all inputs 0..255: b + sum(w * (x - zx))
+        low = b + np.where(w64 > 0, w64 * -x.zero_point, w64 * (255 - x.zero_point)).sum(axis=1)
+        high = b + np.where(w64 > 0, w64 * (255 - x.zero_point), w64 * -x.zero_point).sum(axis=1)
+        lo, hi = activation_bounds(activation, out_q[0], out_q[1])
+        below = (np.maximum(high, b) * m + out_q[1] + 0.5) <= lo + 1 - CLAMP_MARGIN
+        above = (np.minimum(low, b) * m + out_q[1] + 0.5) >= hi + CLAMP_MARGIN
+        live = np.flatnonzero(over & ~below & ~above & (steps >= DEAD_FILTER_STEPS))
+        if live.size:
+            c = int(live[0])
+            raise ConversionError(f"{where}: output channel {c}: bias {b[c]} and its weights can "
+                                  "overflow ternet's int32 accumulator")
+        self._dead_filters += int(over.sum())
+        self._dead_filters_clamped += int((over & (below | above)).sum())
+        moving = over & ~below & ~above
+        if moving.any():
+            self._dead_filter_steps = max(self._dead_filter_steps, float(steps[moving].max()))
+        w = w.copy()
+        w[over] = 0
+        return w
+
     def finish_notes(self) -> list[str]:
+        if self._dead_filters:
+            others = self._dead_filters - self._dead_filters_clamped
+            self.notes.append(f"{self._dead_filters} numerically dead filter(s) (int32 bias at "
+                              "its limit, weights ~0) had their weights zeroed so the accumulator "
+                              f"cannot overflow: {self._dead_filters_clamped} output the same "
+                              "clamp bound for every input either way" +
+                              (f"; the other {others} could move their outputs by at most "
+                               f"{self._dead_filter_steps:.2g} output steps" if others else ""))
         if self.ternary_layers and self._bias_rounding > 0:
             self.notes.append("ternary layers: biases not divisible by their channel's step q "
                               f"were rounded; largest change {self._bias_rounding:.3g} output "
@@ -217,6 +275,19 @@ def _output_size(padding: str, shape, k: int, stride: int) -> tuple[int, int]:
     from ..quant import conv_padding
     return (conv_padding(padding, shape[0], k, stride)[0],
             conv_padding(padding, shape[1], k, stride)[0])
+
+
+def padding_of_pads(pads, shape, k: int, stride: int, where) -> str:
+    """The ternet padding that a PAD (top, bottom, left, right) + VALID convolution equals."""
+    from ..quant import conv_padding
+    top, bottom, left, right = pads
+    for mode in ("same", "symmetric"):
+        if (conv_padding(mode, shape[0], k, stride)[1:] == (top, bottom) and
+                conv_padding(mode, shape[1], k, stride)[1:] == (left, right)):
+            return mode
+    raise ConversionError(f"{where}: pads (top, bottom, left, right) = {pads} match neither "
+                          f"TensorFlow SAME nor symmetric padding of a {k}x{k}/{stride} "
+                          "convolution")
 
 
 # ---------------------------------------------------------------------------- labels

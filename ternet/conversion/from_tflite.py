@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import ConversionError, GraphBuilder, Value, int8_to_uint8_zero_point
+from .common import (ConversionError, GraphBuilder, Value, int8_to_uint8_zero_point,
+                     padding_of_pads)
 from .tflite_reader import TFLiteModel, TFLiteOp, read_tflite
 
 ACTIVATIONS = {"NONE": "none", "RELU": "relu", "RELU6": "relu6"}
@@ -196,7 +197,7 @@ class _Converter:
             x, pads = self.padded.pop(x_tid)
             if o.get("padding") != "VALID":
                 raise ConversionError(f"{where}: PAD before a SAME convolution is not supported")
-            return x, stride, _padding_of_pads(pads, x.shape, k, stride, where)
+            return x, stride, padding_of_pads(pads, x.shape, k, stride, where)
         x = self._value(x_tid, where)
         if o.get("padding") == "SAME" or k == 1:
             return x, stride, "same"
@@ -353,15 +354,3 @@ class _Converter:
                                   "classifier")
         self.tail.update(op.outputs)
 
-
-def _padding_of_pads(pads, shape, k: int, stride: int, where) -> str:
-    """The ternet padding that a PAD (top, bottom, left, right) + VALID convolution equals."""
-    from ..quant import conv_padding
-    top, bottom, left, right = pads
-    for mode in ("same", "symmetric"):
-        if (conv_padding(mode, shape[0], k, stride)[1:] == (top, bottom) and
-                conv_padding(mode, shape[1], k, stride)[1:] == (left, right)):
-            return mode
-    raise ConversionError(f"{where}: pads (top, bottom, left, right) = {pads} match neither "
-                          f"TensorFlow SAME nor symmetric padding of a {k}x{k}/{stride} "
-                          "convolution")
