@@ -22,8 +22,28 @@ def _median_ms(fn, rounds: int) -> tuple[float, float]:
     return float(np.median(ts) * 1e3), float(np.min(ts) * 1e3)
 
 
+def layer_kernel(layer, batch: int) -> str:
+    """Which kernel a built layer runs for a batch: 'amx', 'vnni', 'avx2', 'addonly', ... (the
+    pointwise ISA an AMX plan picks for this many pixels; '+pad': depthwise with the bordered
+    input copy; 'im2col+...': the stem)."""
+    from .kernels import cpu
+    from .kernels.vnni import IMPL_OF, PwVnniPlan
+    plan = getattr(layer.plan, "pw", layer.plan)        # PwAddPlan, ConvPlan wrap a pointwise plan
+    prefix = "im2col+" if plan is not layer.plan and hasattr(layer.plan, "cols") else ""
+    if isinstance(plan, PwVnniPlan):
+        rows = batch * (layer.plan.Ho * layer.plan.Wo if prefix else layer.shape.h * layer.shape.w)
+        return prefix + IMPL_OF[plan._work(rows)[0]]
+    impl = getattr(plan, "impl", None)
+    if impl == "pairs":                  # the 256-bit depthwise layout: AVX2, or its portable IR
+        impl = "avx2" if cpu.has_avx2() else "portable"
+    if impl and getattr(plan, "padded", False):
+        impl += "+pad"
+    return prefix + (impl or "plain")
+
+
 def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
-    """{'compile_s', 'median_ms', 'min_ms', 'layers': [(name, op, median_us)], ...}."""
+    """{'compile_s', 'median_ms', 'min_ms', 'layers': [(name, op, median_us)], 'layer_kernels':
+    [kernel of each layer], 'cpu', ...}."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (batch,) + model.input_shape, dtype=np.uint8)
     t = time.perf_counter()
@@ -32,7 +52,7 @@ def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
     for _ in range(3):
         model.predict(x)
     med, best = _median_ms(lambda: model.predict(x), rounds)
-    layers = []
+    layers, kernels = [], []
     if model.kernels != "reference":
         v = model._arena(batch)
         v[0] = x.reshape(-1, 3)
@@ -45,9 +65,12 @@ def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
             args = (v, batch, logits) if op == "linear" else (v, batch)
             us = _median_ms(lambda: layer.run(*args), max(5, rounds // 2))[0] * 1e3
             layers.append((name, op, us))
+            kernels.append(layer_kernel(layer, batch))
+    from .kernels import cpu
     return dict(batch=batch, threads=model.thread_count, kernels=model.kernels,
                 compile_s=compile_s, median_ms=med, min_ms=best, layers=layers,
-                loadavg=os.getloadavg()[0])
+                layer_kernels=kernels, loadavg=os.getloadavg()[0],
+                cpu=f"{cpu.cpu_name()} ({cpu.cpu_class()})")
 
 
 def format_report(r: dict, per_layer: bool = True) -> str:
@@ -55,7 +78,8 @@ def format_report(r: dict, per_layer: bool = True) -> str:
     per-layer table whose columns fit the longest layer name (fused names like 'a+b' are long)."""
     lines = [f"kernels={r['kernels']} batch={r['batch']} threads={r['threads']}: "
              f"median {r['median_ms']:.3f} ms, min {r['min_ms']:.3f} ms "
-             f"(first call incl. compile/cache load {r['compile_s']:.2f} s, loadavg {r['loadavg']:.2f})"]
+             f"(first call incl. compile/cache load {r['compile_s']:.2f} s, loadavg {r['loadavg']:.2f})"
+             + (f" on {printable(r['cpu'])}" if r.get("cpu") else "")]
     if per_layer and r["layers"]:
         total = sum(us for _, _, us in r["layers"]) or 1.0
         by_op: dict = {}
@@ -63,13 +87,19 @@ def format_report(r: dict, per_layer: bool = True) -> str:
             by_op[op] = by_op.get(op, 0.0) + us
         lines.append("per op: " + ", ".join(f"{op} {us / 1e3:.3f} ms ({100 * us / total:.0f}%)"
                                             for op, us in sorted(by_op.items(), key=lambda t: -t[1])))
-        lines += _layer_table(r["layers"])
+        lines += _layer_table(r["layers"], r.get("layer_kernels"))
     return "\n".join(lines)
 
 
-def _layer_table(layers) -> list[str]:
-    """`layer  op  us` rows, names escaped (they come from the model file), columns aligned."""
+def _layer_table(layers, kernels=None) -> list[str]:
+    """`layer  op  [kernel]  us` rows, names escaped (they come from the model file), columns
+    aligned; the kernel column when `kernels` gives one per layer."""
     rows = [(printable(name), printable(op), f"{us:.1f}") for name, op, us in layers]
     header = ("layer", "op", "us")
-    w = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    return [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}" for a, b, c in [header, *rows]]
+    if kernels is not None and len(kernels) == len(rows):
+        rows = [(a, b, k, c) for (a, b, c), k in zip(rows, kernels)]
+        header = ("layer", "op", "kernel", "us")
+    n = len(header)
+    w = [max(len(r[i]) for r in [header, *rows]) for i in range(n)]
+    return ["  ".join(f"{v:<{w[i]}}" if i < n - 1 else f"{v:>{w[i]}}" for i, v in enumerate(row))
+            for row in [header, *rows]]

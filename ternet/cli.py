@@ -237,7 +237,8 @@ def cmd_bench(args) -> int:
         r["layers"] = []
     if args.json:
         r["model"] = str(model.path)
-        r["layers"] = [{"name": n, "op": op, "median_us": us} for n, op, us in r["layers"]]
+        r["layers"] = [{"name": n, "op": op, "kernel": k, "median_us": us}
+                       for (n, op, us), k in zip(r["layers"], r.pop("layer_kernels"))]
         print(json.dumps(r))
     else:
         print(f"model: {printable(model.path)}")

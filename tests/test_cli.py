@@ -313,6 +313,31 @@ def test_bench_layer_table_columns_line_up():
     assert [float(row.split()[2]) for row in table[1:]] == [1234.5, 7.5, 98765.0]
 
 
+def test_bench_reports_each_layers_kernel(tiny):
+    """bench's per-layer table has a kernel column: what each built layer runs on this CPU (the
+    pointwise family the table picks, the depthwise layout, im2col + GEMM for the stem)."""
+    import ternet
+    from ternet.bench import bench_model, format_report
+    from ternet.kernels import cpu
+    r = bench_model(ternet.load(tiny, threads=1), batch=2, rounds=2)
+    kernels = dict(zip((n for n, _, _ in r["layers"]), r["layer_kernels"]))
+    table = format_report(r).split("\n")[2:]
+    assert table[0].split() == ["layer", "op", "kernel", "us"] and len(table) == 1 + len(kernels)
+    assert [row.split()[2] for row in table[1:]] == list(kernels.values())
+    family = cpu.auto_impl(ternary=True)
+    ops = dict((n, op) for n, op, _ in r["layers"])
+    for name, k in kernels.items():
+        if ops[name] == "conv2d":
+            assert k.startswith("im2col+")
+        elif ops[name] == "depthwise":
+            assert k.split("+")[0] in {"vnni", "avx2", "portable"}
+        elif ops[name].startswith("pointwise") and family in ("vnni", "avx2"):
+            assert k.startswith(family)
+        elif ops[name].startswith("pointwise") and family == "amx":
+            assert k in ("amx", "vnni")
+    assert cpu.cpu_class() in r["cpu"] and f"on {r['cpu']}" in format_report(r).split("\n")[0]
+
+
 def test_warmup_reference(tiny):
     r = run("warmup", "--model", tiny, *REF)
     assert r.returncode == 0 and "kernels ready" in r.stdout

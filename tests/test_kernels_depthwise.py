@@ -243,11 +243,12 @@ def test_parallel_driver_is_deterministic(impl, case):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 56, 56, 144, 3, 2), (1, 20, 37, 240, 5, 1),
-                                   (1, 9, 30, 96, 3, 1), (2, 15, 33, 1152, 5, 2)])
+                                   (1, 9, 30, 96, 3, 1), (2, 15, 33, 1152, 5, 2),
+                                   (2, 11, 41, 32, 3, 1), (1, 8, 29, 16, 5, 1)])
 def test_real_shapes_and_batch(impl, shape):
     """Lite0 / MobileNetV2 channel counts (tails of 16, 48 and 32 channels past 64-channel steps,
-    and none), rows long enough for several 4-pixel tiles at stride 1 and 2, batch 2 and 2
-    threads (emu512 serially)."""
+    and none; 16 and 32: runs of pixels per step), rows long enough for several 4-pixel tiles at
+    stride 1 and 2, batch 2 and 2 threads (emu512 serially)."""
     rng = np.random.default_rng(0)
     N, H, W, C, k, s = shape
     pt, pl, Ho, Wo = quant.conv_geometry("same", H, W, k, s)
