@@ -63,6 +63,17 @@ def int8_impl(requested: str) -> str:
     return "plain"
 
 
+def classifier_impl(requested: str) -> str:
+    """Kernel for the classifier's sums: the kernel table's for auto/amx/vnni, the AVX2 GEMM for
+    avx2, the plain loop for addonly/plain."""
+    from .kernels import cpu
+    if requested == "avx2":
+        return "avx2" if cpu.has_avx2() else "plain"
+    if requested in ("auto", "amx", "vnni"):
+        return cpu.KERNEL_TABLE[cpu.cpu_class()]["classifier"]
+    return "plain"
+
+
 def _debug_note(msg: str) -> None:
     if os.environ.get("TERNET_DEBUG"):
         import sys
@@ -448,7 +459,7 @@ def _build(mf: ModelFile, kernels: str):
         else:  # linear: the graph output
             s_in, _ = node_qparams(mf, node.inputs[0])
             plan = make_linear(mf.tensor(node, "weight"), mf.tensor(node, "bias"), zx, s_in,
-                               mf.tensor(node, "weight_scale"))
+                               mf.tensor(node, "weight_scale"), classifier_impl(kernels))
             layers.append(Linear(src, plan))
         names.append(node.name)
         ids[node.name] = i + 1

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from ternet import quant
+from ternet.kernels import cpu
 from ternet.kernels import elementwise as ew
 from ternet.kernels.layout import ROW_SLACK, pad_to
 
@@ -106,6 +107,34 @@ def test_rejects_bad_buffers():
     with pytest.raises(OverflowError):
         ew.make_linear(np.full((1, 10), 127, np.int8), np.array([2**31 - 10], np.int32), 0, 1.0,
                        np.ones(1, np.float32))
+
+
+GEMMS = [pytest.param("vnni", marks=pytest.mark.skipif(not cpu.has_avx512vnni(), reason="no AVX512-VNNI")),
+         pytest.param("avx2", marks=pytest.mark.skipif(not cpu.has_avx2(), reason="no AVX2"))]
+
+
+@pytest.mark.parametrize("impl", GEMMS)
+@given(N=st.integers(1, 9), cin=st.one_of(st.integers(1, 80), st.sampled_from([1280, 1283])),
+       cout=st.one_of(st.integers(1, 50), st.just(1000)), zx=st.integers(0, 255), s_in=scales,
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_gemm_matches_reference(impl, N, cin, cout, zx, s_in, seed):
+    """The classifier with its sums from the VNNI / AVX2 GEMM kernel == linear_ref, bit for bit,
+    and == the plain loop (which runs when the input has no slack rows)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (N, cin), dtype=np.uint8)
+    w = rng.integers(-128, 128, (cout, cin)).astype(np.int8)
+    bias = rng.integers(-50000, 50000, cout).astype(np.int32)
+    s_w = rng.uniform(1e-4, 1e-1, cout).astype(np.float32)
+    plan = ew.make_linear(w, bias, zx, s_in, s_w, impl=impl)
+    assert plan.impl == impl
+    xb = rng.integers(0, 256, (N + ROW_SLACK, plan.cin_p), dtype=np.uint8)
+    xb[:N, :cin] = x
+    want = ew.linear_ref(x, zx, w, bias, ew.linear_scale(s_in, s_w))
+    for xin in (xb, np.ascontiguousarray(xb[:N])):          # GEMM path, then the plain loop
+        out = np.full((N + 3, cout), np.nan, np.float32)
+        plan(xin, N, out)
+        np.testing.assert_array_equal(out[:N], want)
+        assert np.isnan(out[N:]).all()
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -26,14 +26,15 @@ ISA_FEATURES = {
 # The kernel each op runs on each CPU class (cpu_class(): the first class the CPU qualifies for).
 # The one place the choice is made; TERNET_KERNELS / Model(kernels=...) override the pointwise
 # family. "addonly|plain": the multiplication-free kernel for ternary (and hybrid) weights, the
-# portable dense one for int8. The stem is im2col + the pointwise family's int8 GEMM; the
-# classifier runs the plain-Numba dot product everywhere. Measured 2026-12 on a 2-core Intel Xeon
+# portable dense one for int8. The stem is im2col + the pointwise family's int8 GEMM (AMX plans
+# run it on VNNI: 27 input channels); the classifier's sums come from the VNNI / AVX2 GEMM where
+# there is one (AMX does not pay at batch sizes below 16). Measured 2026-12 on a 2-core Intel Xeon
 # (AMX) with benchmarks/bench_depthwise.py and bench_pointwise.py, 1 thread (docs/kernels.md).
 KERNEL_TABLE = {
-    "amx":        {"pointwise": "amx",  "depthwise": "vnni"},    # amx: per layer, pointwise_isa
-    "avx512vnni": {"pointwise": "vnni", "depthwise": "vnni"},
-    "avx2":       {"pointwise": "avx2", "depthwise": "pairs"},
-    "generic":    {"pointwise": "addonly|plain", "depthwise": "pairs"},
+    "amx":        {"pointwise": "amx",  "depthwise": "vnni", "classifier": "vnni"},
+    "avx512vnni": {"pointwise": "vnni", "depthwise": "vnni", "classifier": "vnni"},
+    "avx2":       {"pointwise": "avx2", "depthwise": "pairs", "classifier": "avx2"},
+    "generic":    {"pointwise": "addonly|plain", "depthwise": "pairs", "classifier": "plain"},
 }
 # An AMX pointwise plan runs a call on AMX tiles when the layer has at least AMX_MIN_CIN input
 # channels (tdpbusd multiplies 64 of them at a time: 16-40 would waste 38-75 % of it; measured on

@@ -2,7 +2,8 @@
 
 Buffers follow docs/kernels.md: 2-D u8[rows, Cp] activations (rows >= P + ROW_SLACK), channels
 padded to CH_ALIGN. These ops are small (memory-bound or one GEMV), so the kernels are plain
-vectorised loops, serial.
+vectorised loops, serial. Except the classifier on CPUs with an IR GEMM kernel (VNNI, AVX2): its
+int32 sums come from the pointwise micro-kernel (vnni.py), then `scale_i32_f32` makes the logits.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .. import quant
 from numba import prange
 
 from ._jit import U, kernel, num_threads
-from .layout import CH_ALIGN, pad_to
+from .layout import CH_ALIGN, ROW_SLACK, pad_to
 
 I32_MAX = 2**31 - 1
 PAR_MIN_MACS = 1 << 20       # the classifier (1.3 M MACs per image) is split over threads above this
@@ -179,6 +180,15 @@ def linear_i8_u8_par(x, w, bias, scale, out, n):
         _linear_outputs(x, w, bias, scale, out, n, ob * 64, min(w.shape[0], ob * 64 + 64))
 
 
+@kernel()
+def scale_i32_f32(acc, scale, out, n):
+    """out f32[rows >= n, Cout] rows [0, n) = float32(acc[i, o]) * scale[o], acc i32[rows, >= Cout]
+    (the classifier's logits from GEMM sums, bias included: linear_ref's one rounding)."""
+    for i in range(n):
+        for o in range(U(out.shape[1])):
+            out[i, o] = np.float32(acc[i, o]) * scale[o]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearPlan:
     """A prepared classifier; `plan(x, N, out)` runs it (see make_linear)."""
@@ -188,6 +198,20 @@ class LinearPlan:
     w: np.ndarray = dataclasses.field(repr=False)       # i8[Cout, Kp], zero-padded columns
     bias: np.ndarray = dataclasses.field(repr=False)    # zero point folded
     scale: np.ndarray = dataclasses.field(repr=False)
+    gemm: object = dataclasses.field(default=None, repr=False)   # a vnni.PwVnniPlan, or None
+    _acc: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def impl(self) -> str:
+        return self.gemm.impl if self.gemm is not None else "plain"
+
+    def _sums(self, x, N):
+        """int32 sums (bias included) of rows [0, N) by the GEMM kernel: a scratch kept per N."""
+        acc = self._acc.get(N)
+        if acc is None:
+            acc = self._acc[N] = np.zeros((N + ROW_SLACK, self.gemm.cout_p), np.int32)
+        self.gemm.accumulate(x, N, acc)
+        return acc
 
     def __call__(self, x, N, out):
         """x u8[rows >= N, cin_p] -> out f32[rows >= N, cout] (rows [0, N) written)."""
@@ -196,15 +220,21 @@ class LinearPlan:
                              f"got {x.shape}, {out.shape}")
         if x.dtype != np.uint8 or out.dtype != np.float32:
             raise TypeError("x must be uint8 and out float32")
-        if N * self.cout * self.cin_p >= PAR_MIN_MACS and num_threads() > 1:
+        if self.gemm is not None and x.shape[0] >= N + ROW_SLACK and x.flags.c_contiguous:
+            # 10x faster than the dot-product loop for Lite0's 1280 -> 1000 (95 -> ~10 us, VNNI)
+            scale_i32_f32(self._sums(x, N), self.scale, out, N)
+        elif N * self.cout * self.cin_p >= PAR_MIN_MACS and num_threads() > 1:
             linear_i8_u8_par(x, self.w, self.bias, self.scale, out, N)
         else:
             linear_i8_u8(x, self.w, self.bias, self.scale, out, N)
 
 
-def make_linear(w, bias, zx, s_in, s_w) -> LinearPlan:
+def make_linear(w, bias, zx, s_in, s_w, impl: str = "plain") -> LinearPlan:
     """Classifier from canonical tensors: w int8 [Cout, Cin], raw bias int32 [Cout], input zero
-    point and scale, weight scales f32 [Cout]."""
+    point and scale, weight scales f32 [Cout]. impl: "vnni" / "avx2" for the sums by that IR GEMM
+    kernel (for inputs with ROW_SLACK rows, as in a model's arena), "plain" for the loop only."""
+    if impl not in ("vnni", "avx2", "plain"):
+        raise ValueError(f"unknown classifier impl {impl!r}; expected vnni, avx2 or plain")
     w = np.asarray(w)
     if w.ndim != 2 or w.dtype.kind not in "iu" or (w.size and (w.min() < -128 or w.max() > 127)):
         raise ValueError(f"w must be an int8 array [Cout, Cin], got {w.dtype} {w.shape}")
@@ -215,4 +245,9 @@ def make_linear(w, bias, zx, s_in, s_w) -> LinearPlan:
     cin_p = pad_to(cin, CH_ALIGN)
     wp = np.zeros((cout, cin_p), np.int8)
     wp[:, :cin] = w
-    return LinearPlan(cin, cout, cin_p, wp, folded, linear_scale(s_in, s_w))
+    gemm = None
+    if impl != "plain":
+        from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
+        gemm = make_pw_vnni(w, bias, zx, np.ones(cout, np.float32), 0, 0, 255,
+                            isa="avx512vnni" if impl == "vnni" else "avx2i8")
+    return LinearPlan(cin, cout, cin_p, wp, folded, linear_scale(s_in, s_w), gemm)

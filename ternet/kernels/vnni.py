@@ -702,7 +702,9 @@ class PwVnniPlan:
         """Testing aid: int32 accumulators (bias included) of rows [0, P) into acc i32[rows, cout_p]."""
         self._check(x, P, acc, np.dtype(np.int32))
         if P:
-            whole = np.array([[0, P, 0, self.cout_p]], np.int64)
+            whole = self._chunks.get(("whole", P))
+            if whole is None:       # kept: a frozen plan records its memory like any argument
+                whole = self._chunks["whole", P] = np.array([[0, P, 0, self.cout_p]], np.int64)
             _drivers(self.isa)[2](x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, acc,
                                   self.nkb, whole)
 
