@@ -56,6 +56,51 @@ def test_replay_equals_numba_and_reference(tiny, cache, kernels):
     assert len(_plans(cache)) == 2
 
 
+def _wide_model(path):
+    """Layers wide enough for the AVX-512 / AMX kernels: 80 -> 96 -> 80 channel pointwise layers
+    (AMX from 64 input channels, 100 pixels: 6 tiles of 16 and a VNNI tail of 4), a 96-channel
+    depthwise, a residual add."""
+    from tiny_model import builder, specs
+    from ternet.format import write_model
+    b = builder(20)
+    x = b.conv("stem", "input", 80, 3, 2, "same", "relu6")
+    y = b.pw("expand", x, 96, "ternary", "relu6")
+    y = b.dw("dw", y, 5, 1, "same", "relu6")
+    y = b.pw("project", y, 80, "ternary", "none")
+    x = b.add("add", x, y)
+    b.linear("fc", b.gap("pool", x), 5)
+    inp, pre = specs(b, 20)
+    write_model(path, arch="t", graph=b.graph, tensors=b.tensors, input_spec=inp, preprocess=pre,
+                labels=list("abcde"), provenance={"producer": "test"})
+    return path
+
+
+def test_amx_and_avx512_kernels_replay(cache, tmp_path):
+    """A frozen plan of a model whose layers run the AMX pointwise and AVX-512 depthwise kernels
+    (where the CPU has them) replays exactly, also in a fresh process (which must first ask
+    Linux for the AMX tile state: frozen.FrozenPlan does), and records which kernels need it."""
+    from ternet.kernels import cpu
+    path = _wide_model(tmp_path / "wide.safetensors")
+    x = np.random.default_rng(9).integers(0, 256, (1, 20, 20, 3), dtype=np.uint8)
+    ref = run_reference(read_model(path), x)
+    m = ternet.load(path)
+    np.testing.assert_array_equal(m.predict(x), ref)
+    np.testing.assert_array_equal(m.predict(x), ref)              # replayed
+    (plan,) = _plans(cache)
+    amx = [k["name"] for k in json.loads(plan.read_text())["kernels"] if k.get("amx")]
+    assert bool(amx) == cpu.has_amx()
+    code = ("import numpy as np, sys, ternet\n"
+            f"m = ternet.load({str(path)!r})\n"
+            "x = np.random.default_rng(9).integers(0, 256, (1, 20, 20, 3), dtype=np.uint8)\n"
+            "np.save(sys.argv[1], m.predict(x))\n"
+            "assert 'numba' not in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.npy")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
+
+
 def test_fresh_process_does_not_import_numba(tiny, cache):
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])             # record

@@ -221,7 +221,7 @@ class LinearPlan:
         if x.dtype != np.uint8 or out.dtype != np.float32:
             raise TypeError("x must be uint8 and out float32")
         if self.gemm is not None and x.shape[0] >= N + ROW_SLACK and x.flags.c_contiguous:
-            # 10x faster than the dot-product loop for Lite0's 1280 -> 1000 (95 -> ~10 us, VNNI)
+            # Lite0's 1280 -> 1000 at batch 1: 22 us instead of the loop's 95 (VNNI, 1 thread)
             scale_i32_f32(self._sums(x, N), self.scale, out, N)
         elif N * self.cout * self.cin_p >= PAR_MIN_MACS and num_threads() > 1:
             linear_i8_u8_par(x, self.w, self.bias, self.scale, out, N)
