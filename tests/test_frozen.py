@@ -101,6 +101,27 @@ def test_amx_and_avx512_kernels_replay(cache, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), ref)
 
 
+def test_amx_refused_falls_back(cache, tmp_path, monkeypatch):
+    """Where Linux refuses the AMX tile state: no AMX class, AMX plans refuse to build, a stored
+    plan with AMX kernels is not replayed, and the model still computes the reference on VNNI."""
+    from ternet.kernels import cpu, vnni
+    path = _wide_model(tmp_path / "wide.safetensors")
+    x = np.random.default_rng(9).integers(0, 256, (1, 20, 20, 3), dtype=np.uint8)
+    ref = run_reference(read_model(path), x)
+    had_amx = cpu.has_amx()
+    np.testing.assert_array_equal(ternet.load(path).predict(x), ref)       # recorded
+    monkeypatch.setattr(cpu, "amx_permission", lambda: False)
+    assert not cpu.has_amx() and cpu.cpu_class() != "amx"
+    with pytest.raises(RuntimeError, match="AMX"):
+        vnni.make_pw_vnni(np.ones((4, 64), np.int8), np.zeros(4, np.int32), 0,
+                          np.ones(4, np.float32), 0, 0, 255, isa="amx")
+    if had_amx:
+        (plan,) = _plans(cache)
+        with pytest.raises(frozen.FrozenError, match="AMX"):
+            frozen.load(plan.stem)
+    np.testing.assert_array_equal(ternet.load(path).predict(x), ref)
+
+
 def test_fresh_process_does_not_import_numba(tiny, cache):
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])             # record
