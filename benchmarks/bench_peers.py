@@ -404,7 +404,9 @@ def main(argv=None):
     log = lambda m: print(m, flush=True)  # noqa: E731
 
     import numba
-    log(f"# bench_peers: {cpu_name()}, {os.cpu_count()} cpus, numba {numba.__version__} "
+    from ternet.kernels import cpu
+    cpu_line = f"{cpu_name()}, feature class {cpu.cpu_class()}, {time.strftime('%Y-%m-%d')}"
+    log(f"# bench_peers: {cpu_line}, {os.cpu_count()} cpus, numba {numba.__version__} "
         f"(threading layer: {numba.config.THREADING_LAYER}), loadavg {loadavg()}")
     log(f"# ternet model: {args.model}; batches {args.batch}, threads {args.threads}, "
         f"{args.rounds} rounds x {args.inner} calls")
@@ -439,7 +441,7 @@ def main(argv=None):
     sat = {e.name for e in engines if e.saturating}
     cols = [f"b{b} t{t}" for b, t in configs]
     w = 20
-    log("\n## summary: median / min per call, ms " + f"(loadavg now {loadavg()})")
+    log("\n## summary: median / min per call, ms " + f"(loadavg now {loadavg()}; {cpu_line})")
     log(f"{'engine':<16}" + "".join(f"{c:>{w}}" for c in cols))
     for n in names:
         log(f"{n + (' *' if n in sat else ''):<16}" + "".join(
