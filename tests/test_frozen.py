@@ -58,7 +58,7 @@ def test_replay_equals_numba_and_reference(tiny, cache, kernels):
 
 def _wide_model(path):
     """Layers wide enough for the AVX-512 / AMX kernels: 80 -> 96 -> 80 channel pointwise layers
-    (AMX from 64 input channels, 100 pixels: 6 tiles of 16 and a VNNI tail of 4), a 96-channel
+    (AMX from 32 input channels, 100 pixels: 6 tiles of 16 and a VNNI tail of 4), a 96-channel
     depthwise, a residual add."""
     from tiny_model import builder, specs
     from ternet.format import write_model

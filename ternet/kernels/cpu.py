@@ -37,11 +37,12 @@ KERNEL_TABLE = {
     "generic":    {"pointwise": "addonly|plain", "depthwise": "pairs", "classifier": "plain"},
 }
 # An AMX pointwise plan runs a call on AMX tiles when the layer has at least AMX_MIN_CIN input
-# channels (tdpbusd multiplies 64 of them at a time: 16-40 would waste 38-75 % of it; measured on
-# Lite0's layers: AMX 1.3-1.5x slower at Cin 16-32, even at 40, 2-3.5x faster from 80 up) and the
-# call at least AMX_MIN_PIXELS pixels (one 16-row tile), else on VNNI.
+# channels (tdpbusd multiplies 64 at a time) and the call at least AMX_MIN_PIXELS pixels (one
+# 16-row tile), else on VNNI. Measured on Lite0's layers, batch 1 / 8, min us VNNI vs AMX:
+# Cin 16: 165 / 229, 1287 / 2047; Cin 24: 76 / 93, 687 / 783; Cin 32: 47 / 34, 400 / 334;
+# Cin 40: 42 / 31, 319 / 227; Cin >= 80: AMX 1.5-3.5x faster.
 AMX_MIN_PIXELS = 16
-AMX_MIN_CIN = 64
+AMX_MIN_CIN = 32
 
 # Linux x86-64: AMX tile data must be requested per process before the first tile instruction
 _SYS_ARCH_PRCTL = 158
