@@ -144,6 +144,10 @@ def test_pads_input_rule():
     assert not dw.pads_input(3, 1, 1, 1, 14, 14, 14, 14)
     assert not dw.pads_input(5, 2, 1, 1, 56, 56, 28, 28)
     assert not dw.pads_input(3, 2, 0, 0, 112, 112, 56, 56)
+    # the AVX-512 layout copies from a lower border share: Lite0's 5x5 stride-2 layer 14 -> 7 too
+    assert dw.pads_input(5, 2, 1, 1, 14, 14, 7, 7, "vnni") and not dw.pads_input(5, 2, 1, 1, 14, 14, 7, 7)
+    assert not dw.pads_input(5, 2, 1, 1, 56, 56, 28, 28, "vnni")
+    assert not dw.pads_input(3, 1, 1, 1, 14, 14, 14, 14, "vnni")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -605,17 +605,24 @@ def _border_pixels(k, stride, pad, size, out):
     return out - (hi - lo)
 
 
-def pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo) -> bool:
+# pads_input's threshold per layout: border * k*k >= PAD_RATIO * H*W
+PAD_RATIO = {"pairs": 5, "vnni": 3, "emu512": 3}
+
+
+def pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo, impl="pairs") -> bool:
     """Whether to copy the input into a zero-point-bordered buffer (one pass over H*W pixels, then
     every pixel takes the interior path) instead of gathering each border pixel's k*k window into
-    a patch. Measured per Lite0 layer in sequence (1 thread): the copy won 7-20% where
-    border * k*k >= 20 * H*W / 4 (the 5x5 stride-1 layers, most of whose pixels are border
+    a patch. Measured per Lite0 layer in sequence (1 thread), pair kernel: the copy won 7-20%
+    where border * k*k >= 20 * H*W / 4 (the 5x5 stride-1 layers, most of whose pixels are border
     pixels: 7x7 has 40 of 49) and lost 7-21% on the 3x3 layers and the 5x5 stride-2 ones, where
-    it is < 10 * H*W / 4; the threshold sits between."""
+    it is < 10 * H*W / 4; the threshold sits between. The AVX-512 kernel makes gathered pixels
+    relatively dearer: the 5x5 stride-2 layer 14x14 -> 7x7 (ratio 3.06) ran 25 us with the copy,
+    31 without; 3x3 layers: 14x14 (ratio 2.4) equal either way, 7x7 (4.4, now copied) equal
+    or 2 us faster, the larger ones (< 1) 10-50 % slower with the copy."""
     rows = Ho - _border_pixels(k, stride, pad_top, H, Ho)
     cols = Wo - _border_pixels(k, stride, pad_left, W, Wo)
     border = Ho * Wo - rows * cols
-    return border * k * k >= 5 * H * W
+    return border * k * k >= PAD_RATIO[impl] * H * W
 
 
 def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left, H, W, Ho, Wo,
@@ -652,7 +659,7 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     Cp = pad_to(C, CH_ALIGN)
     patch = np.zeros((numba.config.NUMBA_NUM_THREADS, k * k * Cp), np.uint8)
     if pad_input is None:
-        pad_input = pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo)
+        pad_input = pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo, impl)
     Hp = max((Ho - 1) * stride + k, pad_top + H) if pad_input else 0
     Wp = max((Wo - 1) * stride + k, pad_left + W) if pad_input else 0
     return DepthwisePlan(C, k, int(stride), int(pad_top), int(pad_left), int(H), int(W), int(Ho),
