@@ -618,7 +618,8 @@ def pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo, impl="pairs") -> bool
     it is < 10 * H*W / 4; the threshold sits between. The AVX-512 kernel makes gathered pixels
     relatively dearer: the 5x5 stride-2 layer 14x14 -> 7x7 (ratio 3.06) ran 25 us with the copy,
     31 without; 3x3 layers: 14x14 (ratio 2.4) equal either way, 7x7 (4.4, now copied) equal
-    or 2 us faster, the larger ones (< 1) 10-50 % slower with the copy."""
+    or 2 us faster, the larger ones (< 1) within noise or slower with the copy (up to 1.6x: 96
+    channels 112x112 -> 56x56)."""
     rows = Ho - _border_pixels(k, stride, pad_top, H, Ho)
     cols = Wo - _border_pixels(k, stride, pad_left, W, Wo)
     border = Ho * Wo - rows * cols
