@@ -1,6 +1,7 @@
 """ternet vs onnxruntime on converted ONNX QDQ models, over the ImageNet dev images.
 
     python benchmarks/convert_onnx_agreement.py                 # Lite0 quantize_static QDQ
+    python benchmarks/convert_onnx_agreement.py --layers 200    # + where the engines diverge
     python benchmarks/convert_onnx_agreement.py \
         --roundtrip weights/efficientnet_lite0_int8.safetensors
 
@@ -12,6 +13,11 @@
    Reported: top-1 / top-5 of each, top-1 agreement (also counting onnxruntime's exact ties in
    its 8-bit logits as agreeing), max |logit difference|, and for scale, the agreement of
    onnxruntime's fused integer kernels with its own unfused QDQ execution.
+   With --layers N, for the first N images, per ternet node: each layer run on onnxruntime's
+   own input to it (values off by 1, by more: that layer's rounding alone) and ternet's whole
+   chain (values differing from onnxruntime's, the largest difference: how the single-layer
+   differences grow), under ternet's requantization rule and, as a what-if in the numpy
+   reference only, under onnxruntime's (`onnxruntime_rule`), with the chain's top-1 agreement.
 2. --roundtrip FILE: ternet's own QDQ export of FILE (`peer_models.export_ternet`, int8 and
    uint8-stored weights) converted back; every weight, bias, scale and zero point must come back
    identical and the reference engine's logits bit-identical on the dev images.
@@ -21,6 +27,7 @@ The dev images are for evaluation only: nothing is fitted to them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -55,6 +62,22 @@ def ort_logits(path: Path, x_float, fused: bool = True) -> np.ndarray:
                            for i in range(len(x_float))])
 
 
+def ort_clamped_logits(onnx_path: Path, theirs) -> np.ndarray:
+    """Mask of onnxruntime's logits at the ends of their 8-bit range, where the model's output
+    DequantizeLinear cannot express the real value (all False for a float output)."""
+    import onnx
+    from onnx import numpy_helper
+    g = onnx.load(str(onnx_path)).graph
+    last = next((n for n in g.node if g.output[0].name in n.output), None)
+    if last is None or last.op_type != "DequantizeLinear" or len(last.input) < 3:
+        return np.zeros(theirs.shape, bool)
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    scale, zp = float(consts[last.input[1]]), consts[last.input[2]]
+    info = np.iinfo(zp.dtype)
+    q = np.rint(theirs / np.float32(scale)) + int(zp)
+    return (q <= info.min) | (q >= info.max)
+
+
 def tie_aware_agreement(ours, theirs) -> float:
     """Share of images whose ternet top-1 is one of the classes tied for onnxruntime's maximum
     (its logits are 8-bit quantized, so exact ties happen; its argmax takes the first)."""
@@ -62,7 +85,7 @@ def tie_aware_agreement(ours, theirs) -> float:
                           for o, t in zip(ours, theirs)]))
 
 
-def quantize_static_agreement(onnx_path: Path, images: Path) -> dict:
+def quantize_static_agreement(onnx_path: Path, images: Path, layers: int = 0) -> dict:
     import ternet
     from ternet.conversion import convert
     out = Path(tempfile.mkdtemp(prefix="ternet-onnx-")) / "lite0_qdq.safetensors"
@@ -76,15 +99,148 @@ def quantize_static_agreement(onnx_path: Path, images: Path) -> dict:
     unfused = ort_logits(onnx_path, x_float, fused=False)
     o1, o5 = accuracy(ours, y)
     t1, t5 = accuracy(theirs, y)
-    return {"images": len(y), "nodes": report.nodes, "notes": report.notes,
+    clamped = ort_clamped_logits(onnx_path, theirs)
+    res = {"images": len(y), "nodes": report.nodes, "notes": report.notes,
             "ternet_top1": o1, "ternet_top5": o5, "onnxruntime_top1": t1, "onnxruntime_top5": t5,
             "top1_agreement": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
             "top1_agreement_ties_counted": tie_aware_agreement(ours, theirs),
             "max_abs_logit_diff": float(np.max(np.abs(ours - theirs))),
+            "onnxruntime_clamped_logits": int(clamped.sum()),
+            "max_abs_logit_diff_unclamped": float(np.max(np.abs(ours - theirs)[~clamped])),
             "unfused_onnxruntime_top1_agreement":
                 float(np.mean(ours.argmax(1) == unfused.argmax(1))),
             "onnxruntime_fused_vs_unfused_top1_agreement":
                 float(np.mean(theirs.argmax(1) == unfused.argmax(1)))}
+    if layers:
+        res["layers"] = divergence_report(onnx_path, model.file, report.source_tensors, x[:layers])
+    return res
+
+
+def onnxruntime_multiplier(s_in, s_w, s_out) -> np.ndarray:
+    """onnxruntime's QLinearConv multiplier: s_in * s_w[c] / s_out evaluated in float32."""
+    return ((np.float32(s_in) * np.asarray(s_w, np.float32)) / np.float32(s_out)).astype(np.float32)
+
+
+def onnxruntime_requant(acc, mult, zp_out, lo, hi) -> np.ndarray:
+    """onnxruntime's (MLAS) requantization of int32 accumulators: float32(acc) * m, clamped to
+    [lo - zp, hi - zp], rounded half to even, plus zp (ternet: floor(acc * m + (zp + 0.5)))."""
+    v = np.asarray(acc).astype(np.float32) * np.asarray(mult, np.float32)
+    v = np.minimum(np.maximum(v, np.float32(lo - zp_out)), np.float32(hi - zp_out))
+    return (np.rint(v).astype(np.int32) + zp_out).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def requant_rule(rule: str):
+    """Run ternet's numpy reference with `rule` for every requantization it does (conv, depthwise,
+    pointwise, pool): 'ternet' (its own) or 'onnxruntime' (a what-if: ternet's kernels and model
+    files have only ternet's rule; this measures what a second rule would change)."""
+    from ternet import quant
+    saved = quant.requant_multiplier, quant.requant_ref
+    if rule == "onnxruntime":
+        quant.requant_multiplier, quant.requant_ref = onnxruntime_multiplier, onnxruntime_requant
+    try:
+        yield
+    finally:
+        quant.requant_multiplier, quant.requant_ref = saved
+
+
+def ort_layer_values(onnx_path: Path, mf, sources: dict, x_u8) -> list:
+    """For each image: onnxruntime's value (uint8 NHWC) of every tensor a ternet node other than
+    the classifier stands for, read as extra graph outputs of its default (fused) session, and its
+    logits. Extra outputs of QuantizeLinear results leave the fusion as it is: the logits are
+    checked equal to those of the unmodified model."""
+    import onnx
+    from onnx import helper
+    m = onnx.load(str(onnx_path))
+    names = [sources[n.name] for n in mf.graph[:-1]]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
+    tmp = Path(tempfile.mkdtemp(prefix="ternet-onnx-layers-")) / "exposed.onnx"
+    onnx.save(m, str(tmp))
+    sess, plain = ort_session(tmp), ort_session(onnx_path)
+    s, zp = mf.input["scale"], mf.input["zero_point"]
+    out = []
+    for img in x_u8:
+        xf = ((img[None].astype(np.float32) - np.float32(zp)) * np.float32(s)).transpose(0, 3, 1, 2)
+        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(xf)}
+        res = sess.run(None, feed)
+        assert np.array_equal(res[0], plain.run(None, feed)[0]), "extra outputs changed onnxruntime"
+        vals = {"input": img[None]}
+        for node, v in zip(mf.graph[:-1], res[1:], strict=True):
+            vals[node.name] = (v.transpose(0, 2, 3, 1) if v.ndim == 4 else
+                               v.reshape(1, 1, 1, -1)).astype(np.uint8)
+        out.append((vals, res[0][0]))
+    return out
+
+
+def layer_divergence(mf, ort_values: list, rule: str) -> dict:
+    """Per node: values off by 1 / by more with onnxruntime's input to the node (isolated),
+    values differing / the largest difference along ternet's own chain; and the chain's logits."""
+    from ternet.reference import run_node
+    rows = {n.name: {"op": n.op, "values": 0, "isolated_d1": 0, "isolated_dmore": 0,
+                     "chain_differ": 0, "chain_max": 0} for n in mf.graph[:-1]}
+    logits, isolated_logits = [], []
+    with requant_rule(rule):
+        for theirs, _ in ort_values:
+            ours = {"input": theirs["input"]}
+            for node in mf.graph:
+                ours[node.name] = run_node(mf, node, [ours[t] for t in node.inputs])
+                if node.op == "linear":
+                    isolated_logits.append(run_node(mf, node, [theirs[t] for t in node.inputs])[0])
+                    continue
+                want, r = theirs[node.name].astype(np.int16), rows[node.name]
+                iso = np.abs(run_node(mf, node, [theirs[t] for t in node.inputs]) - want)
+                own = np.abs(ours[node.name] - want)
+                r["values"] += want.size
+                r["isolated_d1"] += int(np.sum(iso == 1))
+                r["isolated_dmore"] += int(np.sum(iso > 1))
+                r["chain_differ"] += int(np.sum(own > 0))
+                r["chain_max"] = max(r["chain_max"], int(own.max()))
+            logits.append(ours[mf.graph[-1].name][0])
+    return {"rows": rows, "logits": np.array(logits), "isolated_logits": np.array(isolated_logits)}
+
+
+def divergence_report(onnx_path: Path, mf, sources: dict, x_u8) -> dict:
+    ort_values = ort_layer_values(onnx_path, mf, sources, x_u8)
+    theirs = np.array([lg for _, lg in ort_values])
+    inside = ~ort_clamped_logits(onnx_path, theirs)
+    res = {}
+    for rule in ("ternet", "onnxruntime"):
+        d = layer_divergence(mf, ort_values, rule)
+        rows, ours = d["rows"], d["logits"]
+        res[rule] = {
+            "isolated_d1": sum(r["isolated_d1"] for r in rows.values()),
+            "isolated_dmore": sum(r["isolated_dmore"] for r in rows.values()),
+            "values": sum(r["values"] for r in rows.values()),
+            "top1_agreement": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
+            "top1_agreement_ties_counted": tie_aware_agreement(ours, theirs),
+            "max_abs_logit_diff": float(np.max(np.abs(ours - theirs))),
+            "max_abs_logit_diff_unclamped": float(np.max(np.abs(ours - theirs)[inside])),
+            "classifier_isolated_max_abs_diff_unclamped":
+                float(np.max(np.abs(d["isolated_logits"] - theirs)[inside])),
+            "layers": rows}
+    return res
+
+
+def print_divergence(res: dict) -> None:
+    rules = list(res)
+    head = "".join(f" | {r[:4] + ' iso d1':>12} {'d>1':>4} {'chain diff':>10} {'max':>4}"
+                   for r in rules)
+    print(f"{'layer':20} {'values':>10}{head}")
+    for name, r0 in res[rules[0]]["layers"].items():
+        cells = ""
+        for rule in rules:
+            r = res[rule]["layers"][name]
+            cells += (f" | {r['isolated_d1']:12d} {r['isolated_dmore']:4d} "
+                      f"{r['chain_differ']:10d} {r['chain_max']:4d}")
+        print(f"{name:20} {r0['values']:10d}{cells}")
+    for rule in rules:
+        t = res[rule]
+        print(f"{rule} rule: isolated {t['isolated_d1']} of {t['values']} values off by 1, "
+              f"{t['isolated_dmore']} by more; chained top-1 agreement {t['top1_agreement']:.3f} "
+              f"({t['top1_agreement_ties_counted']:.3f} counting ties), max |logit diff| "
+              f"{t['max_abs_logit_diff']:.4f} ({t['max_abs_logit_diff_unclamped']:.4f} where "
+              f"onnxruntime's 8-bit logits are not clamped; classifier alone on its input "
+              f"{t['classifier_isolated_max_abs_diff_unclamped']:.4f})")
 
 
 def roundtrip(model_file: Path, images: Path) -> dict:
@@ -132,6 +288,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--onnx", type=Path, help="a QDQ model (default: build peer_models' Lite0)")
     ap.add_argument("--images", type=Path, default=DEV)
+    ap.add_argument("--layers", type=int, default=0, metavar="N",
+                    help="per-layer divergence over the first N images")
+    ap.add_argument("--json", type=Path, help="write the numbers here as JSON")
     ap.add_argument("--roundtrip", type=Path, metavar="FILE",
                     help="instead: ternet's QDQ export of FILE converted back")
     args = ap.parse_args(argv)
@@ -139,8 +298,14 @@ def main(argv=None) -> int:
         res = roundtrip(args.roundtrip, args.images)
     else:
         import peer_models
-        res = quantize_static_agreement(args.onnx or peer_models.ensure("int8"), args.images)
-    print(json.dumps(res, indent=1))
+        res = quantize_static_agreement(args.onnx or peer_models.ensure("int8"), args.images,
+                                        args.layers)
+    summary = {k: v for k, v in res.items() if k != "layers"}
+    print(json.dumps(summary, indent=1))
+    if "layers" in res:
+        print_divergence(res["layers"])
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
     return 0
 
 

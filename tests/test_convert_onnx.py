@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import peer_models  # noqa: E402
+from convert_onnx_agreement import requant_rule  # noqa: E402
 
 import ternet  # noqa: E402
 from ternet import quant  # noqa: E402
@@ -147,6 +148,68 @@ def test_quantize_static_model_matches_onnxruntime_layer_by_layer(tmp_path):
             values, equal = values + d.size, equal + int(np.sum(d == 0))
             seen[node.name] = want.astype(np.uint8)
     assert equal >= AGREEMENT * values
+
+
+def tie_model(s_in, s_w, s_out, w, zp=128) -> onnx.ModelProto:
+    """QDQ by hand: a 1x1 conv (int8 weights w [cout, 3], scales s_w, zero bias) on the
+    quantized input, global pool, Gemm. With power-of-two scales its multiplier is exact."""
+    cout = w.shape[0]
+    inits = [numpy_helper.from_array(np.asarray(v, dt), n) for n, v, dt in [
+        ("s_in", s_in, np.float32), ("s_out", s_out, np.float32), ("zp", zp, np.uint8),
+        ("w", w.reshape(cout, 3, 1, 1), np.int8), ("w_s", [s_w] * cout, np.float32),
+        ("w_zp", [0] * cout, np.int8), ("b", [0] * cout, np.int32),
+        ("b_s", [s_in * s_w] * cout, np.float32), ("b_zp", [0] * cout, np.int32),
+        ("fc_w", np.ones((2, cout)), np.int8), ("fc_s", [s_w] * 2, np.float32),
+        ("fc_zp", [0] * 2, np.int8), ("fc_b", [0] * 2, np.int32),
+        ("fc_bs", [s_out * s_w] * 2, np.float32), ("fc_bzp", [0] * 2, np.int32)]]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s_in", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_s", "w_zp"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "b_s", "b_zp"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["conv"], kernel_shape=[1, 1]),
+             helper.make_node("QuantizeLinear", ["conv", "s_out", "zp"], ["conv_q"]),
+             helper.make_node("DequantizeLinear", ["conv_q", "s_out", "zp"], ["conv_d"]),
+             helper.make_node("GlobalAveragePool", ["conv_d"], ["pool"]),
+             helper.make_node("QuantizeLinear", ["pool", "s_out", "zp"], ["pool_q"]),
+             helper.make_node("DequantizeLinear", ["pool_q", "s_out", "zp"], ["pool_d"]),
+             helper.make_node("Flatten", ["pool_d"], ["flat"]),
+             helper.make_node("DequantizeLinear", ["fc_w", "fc_s", "fc_zp"], ["fc_wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["fc_b", "fc_bs", "fc_bzp"], ["fc_bd"],
+                              axis=0),
+             helper.make_node("Gemm", ["flat", "fc_wd", "fc_bd"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "ties", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_requantization_differs_from_onnxruntime_only_in_ties(tmp_path):
+    """Why ternet and onnxruntime differ on converted QDQ models (docs/convert.md): onnxruntime's
+    integer kernels round acc * m half to even, ternet rounds half up. A conv whose multiplier is
+    exactly 1/2 makes every odd accumulator a tie: ternet is one step above onnxruntime exactly
+    where acc / 2 = k + 1/2 with k even, and the rule the benchmark's what-if uses
+    (`requant_rule('onnxruntime')`) gives onnxruntime's values everywhere."""
+    rng = np.random.default_rng(5)
+    s_in, s_w = 2.0 ** -5, 2.0 ** -4
+    qdq = tmp_path / "ties.onnx"
+    onnx.save(tie_model(s_in, s_w, 2 * s_in * s_w, rng.integers(-3, 4, (6, 3))), str(qdq))
+    out = tmp_path / "m.safetensors"
+    report = convert(qdq, out, preprocess=PREPROCESS)
+    mf = read_model(out)
+    conv = mf.graph[0]
+    assert conv.op == "conv2d"
+    x = rng.integers(118, 139, (4, 8, 8, 3)).astype(np.uint8)     # acc stays inside [0, 255]
+    theirs = np.concatenate([
+        layer[report.source_tensors[conv.name]].transpose(0, 2, 3, 1)
+        for layer in ort_layers(qdq, report, x, (s_in, 128))]).astype(np.int16)
+    acc = (x.astype(np.int32) - 128) @ mf.tensor(conv, "weight")[:, 0, 0, :].T.astype(np.int32)
+    ours = run_node(mf, conv, [x]).astype(np.int16)
+    assert np.array_equal(ours - theirs, (acc % 4 == 1).astype(np.int16))
+    assert np.sum(acc % 4 == 1) > 100
+    with requant_rule("onnxruntime"):
+        assert np.array_equal(run_node(mf, conv, [x]), theirs)
 
 
 def test_raw_float_input_needs_preprocess(tmp_path):
