@@ -70,6 +70,7 @@ class FrozenExecutor:
         self.padded: set[int] = set()      # sizes once run padded into a bigger plan
         self.workers: dict[tuple, frozen.FrozenPlan] = {}   # (n, worker) -> its own instance
         self.no_worker_plan: set[tuple] = set()
+        self.pool = None                   # ThreadPoolExecutor of run_images_parallel, once needed
 
     def tried(self, n: int) -> bool:
         return n in self.plans or n in self.numba_only
@@ -148,3 +149,27 @@ class FrozenExecutor:
         else:
             self.workers[key] = plan
         return plan
+
+    def run_images_parallel(self, x, logits, threads: int) -> bool:
+        """Several images on several threads: each thread runs its share of the batch through a
+        frozen plan of its own (serial kernels, own buffers; ctypes releases the GIL), so no
+        per-layer synchronisation at all, and every image is computed exactly as with 1 thread.
+        False if some share has no usable frozen plan (the caller then uses numba's threads)."""
+        parts = [(idx[0], idx[-1] + 1) for idx in np.array_split(np.arange(len(x)),
+                                                                   min(threads, len(x)))]
+        plans = []
+        for w, (a, b) in enumerate(parts):
+            plan = self.worker_plan(b - a, w, x[a:b], logits[a:b])
+            if plan is None:
+                return False
+            plans.append(plan)
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="ternet")
+        futures = [self.pool.submit(plan.run, x[a:b], logits[a:b])
+                   for plan, (a, b) in zip(plans[1:], parts[1:])]
+        a, b = parts[0]
+        plans[0].run(x[a:b], logits[a:b])
+        for f in futures:
+            f.result()
+        return True

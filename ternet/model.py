@@ -58,11 +58,12 @@ _MODELS: "weakref.WeakSet[Model]" = weakref.WeakSet()
 
 def _reset_models_in_child() -> None:
     """A forked child inherits each model's lock (perhaps held by a parent thread that does not
-    exist in the child) and its thread pool (whose threads do not exist either: a job sent to it
-    would never run). Give every model a fresh lock and pool. Runs before any child thread."""
+    exist in the child) and its frozen executor's thread pool (whose threads do not exist either:
+    a job sent to it would never run). Give every model a fresh lock and pool. Runs before any
+    child thread."""
     for m in list(_MODELS):
         m._lock = threading.Lock()
-        m._pool = None
+        m._frozen.pool = None
 
 
 os.register_at_fork(after_in_child=_reset_models_in_child)
@@ -80,7 +81,6 @@ class Model:
         if frozen.enabled(kernels):
             frozen.cache_limit()                 # a bad TERNET_PLAN_CACHE_MB fails now
         self._lock = threading.Lock()
-        self._pool = None
         self._digest = None                      # frozen.model_digest(mf), once needed
         self._program = None                     # lowering.Program, once needed
         self._numba_executor = None
@@ -137,10 +137,12 @@ class Model:
             for i in range(0, x.shape[0], MAX_CHUNK):
                 xc, oc = np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK]
                 if frozen_on and threads == 1:
-                    self._frozen.run(xc, oc)
-                elif not (frozen_on and len(xc) > 1 and self._run_images_parallel(xc, oc, threads)):
-                    self._set_threads(threads)         # one image, or no frozen plans: numba's
-                    self._run_numba(xc, oc)            # threads split every step
+                    self._frozen.run(xc, oc)           # replayed, or numba run and recorded
+                elif frozen_on and len(xc) > 1 and self._frozen.run_images_parallel(xc, oc, threads):
+                    pass                               # each thread its share, its own replay
+                else:
+                    self._set_threads(threads)         # numba's threads split every step
+                    self._run_numba(xc, oc)
         return out
 
     def _numba(self) -> NumbaExecutor:
@@ -154,30 +156,6 @@ class Model:
     def _run_numba_serial(self, x, logits) -> None:
         self._set_threads(1)
         self._run_numba(x, logits)
-
-    def _run_images_parallel(self, x, logits, threads: int) -> bool:
-        """Several images on several threads: each thread runs its share of the batch through a
-        frozen plan of its own (serial kernels, own buffers; ctypes releases the GIL), so no
-        per-layer synchronisation at all, and every image is computed exactly as with 1 thread.
-        False if some share has no usable frozen plan (the caller then uses numba's threads)."""
-        parts = [(idx[0], idx[-1] + 1) for idx in np.array_split(np.arange(len(x)),
-                                                                   min(threads, len(x)))]
-        plans = []
-        for w, (a, b) in enumerate(parts):
-            plan = self._frozen.worker_plan(b - a, w, x[a:b], logits[a:b])
-            if plan is None:
-                return False
-            plans.append(plan)
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="ternet")
-        futures = [self._pool.submit(plan.run, x[a:b], logits[a:b])
-                   for plan, (a, b) in zip(plans[1:], parts[1:])]
-        a, b = parts[0]
-        plans[0].run(x[a:b], logits[a:b])
-        for f in futures:
-            f.result()
-        return True
 
     def frozen_ready(self, n: int = 1) -> bool:
         """Will `predict` on n images replay a stored frozen plan (no numba, no compiling)?"""
