@@ -133,6 +133,8 @@ def bundled_summaries() -> list[ModelSummary]:
     for m in bundled():
         try:
             out.append(summarize(m.path, m.name))
+        except ImportError:     # a missing dependency is not a broken file: say so
+            raise
         except Exception:  # a broken bundled file must not break listing or the default choice
             continue
     return out

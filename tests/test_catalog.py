@@ -106,3 +106,15 @@ def test_help_names_the_default_the_rule_picks(weights, monkeypatch, command):
     assert "else b_prom:" in model_help(command) and default_model() == "b_prom"
     monkeypatch.setenv("TERNET_MODEL", "/some/100%/where.safetensors")
     assert "(default: $TERNET_MODEL, set to /some/100%/where.safetensors)" in model_help(command)
+
+
+def test_a_missing_dependency_is_not_reported_as_no_models(weights, monkeypatch):
+    """Skipping unreadable files must not turn an ImportError into an empty model list."""
+    import ternet.catalog
+    fake_model(weights / "m.safetensors")
+
+    def no_safetensors(path):
+        raise ModuleNotFoundError("No module named 'safetensors'")
+    monkeypatch.setattr(ternet.catalog, "read_metadata", no_safetensors)
+    with pytest.raises(ModuleNotFoundError):
+        ternet.catalog.bundled_summaries()

@@ -133,3 +133,22 @@ def test_relative_lr_scales_each_tensor_and_resumes_exactly(tmp_path):
     assert all(torch.equal(straight.weight[k], resumed.weight[k]) for k in straight.weight)
     assert all(torch.equal(straight.bias[k], resumed.bias[k]) for k in straight.bias)
     assert not all(torch.equal(start.weight[k], resumed.weight[k]) for k in start.weight)
+
+
+def test_compact_checkpoint_keeps_the_model_and_drops_the_optimizer(tmp_path):
+    from ternet.train.__main__ import main
+    g = small_graph()
+    teacher = copy.deepcopy(g)
+    for n in g.nodes("pointwise"):
+        g.set_wmode(n["name"], "ternary")
+    run(g, teacher, tmp_path / "ckpt.pt", steps=2)
+    main(["compact", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "keep" / "ckpt.pt")])
+    full, ck = load_ckpt(tmp_path / "ckpt.pt")
+    small, cs = load_ckpt(tmp_path / "keep" / "ckpt.pt")
+    assert "opt" in ck and "opt" not in cs and cs["step"] == ck["step"] == 2
+    assert small.wmode == full.wmode
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), small.state_dict().values()))
+    x = RandomImages().batch(2, 99)
+    assert torch.equal(full(x), small(x))
+    run(small, teacher, tmp_path / "keep" / "ckpt.pt", steps=4, start_step=2, opt_state=cs.get("opt"))
+    assert load_ckpt(tmp_path / "keep" / "ckpt.pt")[1]["step"] == 4    # goes on with a fresh Adam
