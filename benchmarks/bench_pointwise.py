@@ -78,11 +78,11 @@ def make_plan(impl, w, bias, zx, mult, zp_out):
 def model_layers(name):
     """Distinct (Cin, Cout, H*W) of the pointwise layers of a ternet model, in network order."""
     import ternet
-    from ternet.layers import Pointwise, PointwiseAdd
+    from ternet.ops.pointwise import PointwiseAddStep, PointwiseStep
     m = ternet.load(name)
     out = []
     for layer in m.layers:
-        if isinstance(layer, (Pointwise, PointwiseAdd)):
+        if isinstance(layer, (PointwiseStep, PointwiseAddStep)):
             plan = getattr(layer.plan, "pw", layer.plan)
             shape = (plan.cin, plan.cout, layer.shape.h * layer.shape.w)
             if shape not in out:

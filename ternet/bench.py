@@ -54,15 +54,13 @@ def bench_model(model, batch: int = 1, rounds: int = 30, seed: int = 0) -> dict:
     med, best = _median_ms(lambda: model.predict(x), rounds)
     layers, kernels = [], []
     if model.kernels != "reference":
-        v = model._arena(batch)
+        v = model.arena(batch)
         v[0] = x.reshape(-1, 3)
         logits = np.empty((batch, model.num_classes), np.float32)
-        for name, layer in zip(model.layer_names, model.layers):
-            op = type(layer).__name__
-            op = {"Conv": "conv2d", "Pointwise": "pointwise", "PointwiseAdd": "pointwise+add",
-                  "Depthwise": "depthwise", "Add": "add", "GlobalAvgPool": "global_avg_pool",
-                  "Linear": "linear"}.get(op, op)
-            args = (v, batch, logits) if op == "linear" else (v, batch)
+        steps = model.layers
+        for name, layer in zip(model.layer_names, steps):
+            op = layer.op
+            args = (v, batch, logits) if layer is steps[-1] else (v, batch)
             us = _median_ms(lambda: layer.run(*args), max(5, rounds // 2))[0] * 1e3
             layers.append((name, op, us))
             kernels.append(layer_kernel(layer, batch))

@@ -19,7 +19,6 @@ from .errors import ModelFormatError
 
 FORMAT_TAG = "ternet"
 FORMAT_VERSION = 1
-OPS = ("conv2d", "pointwise", "depthwise", "add", "global_avg_pool", "linear")
 PADDINGS = ("same", "symmetric")
 ACTIVATIONS = ("none", "relu", "relu6")
 WEIGHT_TYPES = ("ternary", "int8", "hybrid")
@@ -415,12 +414,62 @@ def pointwise_weight(mf_or_arrays, node: Node) -> np.ndarray:
     return w
 
 
+class NodeCheck:
+    """The loader's checks of one graph node, as its op's `check` (ternet.ops) uses them: every
+    failure is a ModelFormatError naming the file and the node or tensor."""
+    PADDINGS, ACTIVATIONS, WEIGHT_TYPES = PADDINGS, ACTIVATIONS, WEIGHT_TYPES
+    MAX_CHANNELS, INT32_MAX, CODE_INVALID = MAX_CHANNELS, INT32_MAX, CODE_INVALID
+    ternary_codes = staticmethod(ternary_codes)
+
+    def __init__(self, path, arrays: dict, used: set, name: str, op: str, inputs, attrs: dict):
+        self.path, self.arrays, self.used = path, arrays, used
+        self.name, self.op, self.inputs, self.attrs = name, op, tuple(inputs), attrs
+        self.where = f"node {name!r}"
+        self.out_qparams = None          # (scale, zero point) once output_qparams() checked them
+
+    def node(self) -> Node:
+        return Node(self.name, self.op, self.inputs, self.attrs)
+
+    def fail(self, problem: str):
+        _fail(self.path, self.where, problem)
+
+    def fail_tensor(self, fld: str, problem: str):
+        _fail(self.path, f"tensor {self.name + '.' + fld!r}", problem)
+
+    def int(self, key: str, lo: int, hi: int) -> int:
+        """An integer attribute in [lo, hi]."""
+        return _num(self.path, self.where, self.attrs, key, lo, hi, True)
+
+    def choice(self, key: str, choices) -> str:
+        return _choice(self.path, self.where, self.attrs, key, choices)
+
+    def tensor(self, fld: str, dtype, shape) -> np.ndarray:
+        """The node's tensor `<name>.<fld>`, of exactly this dtype and shape; marked used."""
+        return _expect(self.path, self.arrays, self.used, f"{self.name}.{fld}", dtype, shape)
+
+    def output_qparams(self) -> tuple[float, int]:
+        self.out_qparams = _qparams(self.path, self.arrays, self.used, self.name)
+        return self.out_qparams
+
+    def weight_scale(self, c: int) -> np.ndarray:
+        return _weight_scale(self.path, self.arrays, self.used, self.name, c)
+
+    def accumulator(self, bias, w, zx) -> None:
+        _check_acc(self.path, self.name, bias, w, zx)
+
+    def multiplier(self, what: str, rule, *scales) -> None:
+        _check_multiplier(self.path, self.where, what, rule, *scales)
+
+    def im2col(self, k, cin, ho, wo) -> None:
+        _check_im2col(self.path, self.where, k, cin, ho, wo)
+
+
 def _validate_graph(path, graph, arrays, in_shape, in_qp):
-    from . import quant
+    from .ops import REGISTRY, Value, names
     if not graph:
         _fail(path, "graph", "is empty")
-    shapes = {"input": in_shape}
-    qps = {"input": in_qp}                  # (scale, zero point) of every value
+    classifier = names(classifier=True)[0]
+    values = {"input": Value(in_shape, *in_qp)}
     used: set = set()
     nodes = []
     for i, raw in enumerate(graph):
@@ -430,135 +479,37 @@ def _validate_graph(path, graph, arrays, in_shape, in_qp):
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "input":
             _fail(path, f"graph node #{i}", f"invalid name {_show(name)}")
         where = f"node {name!r}"
-        if name in shapes:
+        if name in values:
             _fail(path, where, "duplicate node name")
         op = raw.get("op")
-        if op not in OPS:
-            _fail(path, where, f"unknown op {_show(op)} (supported: {', '.join(OPS)})")
+        if not isinstance(op, str) or op not in REGISTRY:
+            _fail(path, where, f"unknown op {_show(op)} (supported: {', '.join(REGISTRY)})")
+        spec = REGISTRY[op]
         inputs = raw.get("inputs")
         attrs = raw.get("attrs", {})
         if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
             _fail(path, where, "'inputs' must be a list of node names")
         if not isinstance(attrs, dict):
             _fail(path, where, "'attrs' must be an object")
-        arity = 2 if op == "add" else 1
-        if len(inputs) != arity:
-            _fail(path, where, f"op {op!r} takes {arity} input(s), got {len(inputs)}")
+        if len(inputs) != spec.arity:
+            _fail(path, where, f"op {op!r} takes {spec.arity} input(s), got {len(inputs)}")
         for s in inputs:
-            if s not in shapes:
+            if s not in values:
                 _fail(path, where, f"input {_show(s)} is not the graph input or an earlier node")
-        if "input" in inputs and op != "conv2d":
+        if "input" in inputs and not spec.reads_image:
             # the fast runner keeps the image unpadded (3 channels) for the stem's im2col;
             # every other kernel reads channel-padded buffers
-            _fail(path, where, f"op {op!r} cannot read the graph input (only conv2d can)")
-        if op != "linear" and i == len(graph) - 1:
-            _fail(path, where, "the last node must be the 'linear' classifier")
-        if op == "linear" and i != len(graph) - 1:
-            _fail(path, where, "'linear' must be the last node")
-        h, w_, c = shapes[inputs[0]]
-        s_in, zx = qps[inputs[0]]
-
-        if op in ("conv2d", "depthwise"):
-            k = _num(path, where, attrs, "kernel", 1, 7, True)
-            st = _num(path, where, attrs, "stride", 1, 2, True)
-            if k % 2 == 0:
-                _fail(path, where, f"'kernel' must be odd, got {k}")
-            pad = _choice(path, where, attrs, "padding", PADDINGS)
-            _choice(path, where, attrs, "activation", ACTIVATIONS)
-            ho = quant.conv_padding(pad, h, k, st)[0]
-            wo = quant.conv_padding(pad, w_, k, st)[0]
-            if ho < 1 or wo < 1:
-                _fail(path, where, f"output would be empty for a {h}x{w_} input")
-            if op == "conv2d":
-                cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
-                cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
-                if cin != c:
-                    _fail(path, where, f"cin={cin} but its input has {c} channels")
-                _check_im2col(path, where, k, cin, ho, wo)
-                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, k, k, cin))
-            else:
-                cout = _num(path, where, attrs, "channels", 1, MAX_CHANNELS, True)
-                if cout != c:
-                    _fail(path, where, f"channels={cout} but its input has {c} channels")
-                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (k, k, cout))
-                wt = np.moveaxis(wt, 2, 0)
-            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            s_w = _weight_scale(path, arrays, used, name, cout)
-            qps[name] = _qparams(path, arrays, used, name)
-            _check_acc(path, name, b, wt, zx)
-            _check_multiplier(path, where, "requantization multiplier", quant.requant_multiplier,
-                              s_in, s_w, qps[name][0])
-            out = (ho, wo, cout)
-        elif op == "pointwise":
-            cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
-            cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
-            kind = _choice(path, where, attrs, "weight", WEIGHT_TYPES)
-            _choice(path, where, attrs, "activation", ACTIVATIONS)
-            if cin != c:
-                _fail(path, where, f"cin={cin} but its input has {c} channels")
-            if kind == "int8":
-                wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, cin))
-            else:
-                pk = _expect(path, arrays, used, f"{name}.weight", np.uint8, (cout, -(-cin // 4)))
-                codes = ternary_codes(pk, cin)
-                bad = np.argwhere(codes == CODE_INVALID)
-                if len(bad):
-                    _fail(path, f"tensor {name + '.weight'!r}",
-                          f"invalid 2-bit code 3 at output channel {bad[0][0]}, input {bad[0][1]}")
-                if np.any(codes[:, cin:] != 1):
-                    _fail(path, f"tensor {name + '.weight'!r}", "padding codes past cin must be 1 (zero)")
-                if kind == "hybrid":
-                    idx = arrays.get(f"{name}.int8_channels")
-                    n = 0 if idx is None or idx.ndim != 1 else idx.shape[0]
-                    idx = _expect(path, arrays, used, f"{name}.int8_channels", np.int32, (n,))
-                    if n and (np.any(idx < 0) or np.any(idx >= cout)       # int64: no wrap
-                              or np.any(np.diff(idx.astype(np.int64)) <= 0)):
-                        _fail(path, f"tensor {name + '.int8_channels'!r}",
-                              f"must be strictly increasing indices in [0, {cout})")
-                    _expect(path, arrays, used, f"{name}.weight_int8", np.int8, (n, cin))
-                    if n and np.any(codes[idx, :cin] != 1):
-                        _fail(path, f"tensor {name + '.weight'!r}",
-                              "rows listed in int8_channels must hold zero codes")
-                wt = pointwise_weight(arrays, Node(name, op, tuple(inputs), attrs))
-            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            s_w = _weight_scale(path, arrays, used, name, cout)
-            qps[name] = _qparams(path, arrays, used, name)
-            _check_acc(path, name, b, wt, zx)
-            _check_multiplier(path, where, "requantization multiplier", quant.requant_multiplier,
-                              s_in, s_w, qps[name][0])
-            out = (h, w_, cout)
-        elif op == "add":
-            _choice(path, where, attrs, "activation", ACTIVATIONS)
-            if shapes[inputs[0]] != shapes[inputs[1]]:
-                _fail(path, where, f"operand shapes differ: {list(shapes[inputs[0]])} vs "
-                      f"{list(shapes[inputs[1]])}")
-            qps[name] = _qparams(path, arrays, used, name)
-            _check_multiplier(path, where, "operand multiplier", quant.add_multipliers,
-                              qps[inputs[0]][0], qps[inputs[1]][0], qps[name][0])
-            out = (h, w_, c)
-        elif op == "global_avg_pool":
-            if 255 * h * w_ > INT32_MAX:
-                _fail(path, where, f"a sum over {h}x{w_} pixels can overflow the int32 accumulator")
-            qps[name] = _qparams(path, arrays, used, name)
-            _check_multiplier(path, where, "pooling multiplier", quant.pool_multiplier,
-                              s_in, qps[name][0], h * w_)
-            out = (1, 1, c)
-        else:  # linear
-            cin = _num(path, where, attrs, "cin", 1, MAX_CHANNELS, True)
-            cout = _num(path, where, attrs, "cout", 1, MAX_CHANNELS, True)
-            if (h, w_) != (1, 1):
-                _fail(path, where, f"input must be 1x1 spatially (pooled), got {h}x{w_}")
-            if cin != c:
-                _fail(path, where, f"cin={cin} but its input has {c} channels")
-            wt = _expect(path, arrays, used, f"{name}.weight", np.int8, (cout, cin))
-            b = _expect(path, arrays, used, f"{name}.bias", np.int32, (cout,))
-            s_w = _weight_scale(path, arrays, used, name, cout)
-            _check_acc(path, name, b, wt, zx)
-            _check_multiplier(path, where, "logit scale", quant.logit_scale, s_in, s_w)
-            out = (1, 1, cout)
+            readers = " or ".join(names(reads_image=True))
+            _fail(path, where, f"op {op!r} cannot read the graph input (only {readers} can)")
+        if not spec.classifier and i == len(graph) - 1:
+            _fail(path, where, f"the last node must be the {classifier!r} classifier")
+        if spec.classifier and i != len(graph) - 1:
+            _fail(path, where, f"{op!r} must be the last node")
+        check = NodeCheck(path, arrays, used, name, op, inputs, attrs)
+        out = spec.check(check, attrs, [values[s] for s in inputs])
         if out[0] * out[1] * out[2] > MAX_VALUES:
             _fail(path, where, f"output {out[0]}x{out[1]}x{out[2]} has more than {MAX_VALUES} "
                   "values")
-        shapes[name] = out
-        nodes.append(Node(name, op, tuple(inputs), attrs, out))
+        values[name] = Value(tuple(out), *(check.out_qparams or (float("nan"), -1)))
+        nodes.append(Node(name, op, tuple(inputs), attrs, tuple(out)))
     return nodes, used

@@ -36,8 +36,8 @@ from .cachedir import plans_dir
 
 FORMAT = 1
 ALIGN = 64
-_SOURCES = ("quant.py", "model.py", "layers.py", "format.py", "frozen.py", "freeze.py",
-            "kernels/*.py")
+_SOURCES = ("quant.py", "model.py", "lowering.py", "executors.py", "ops/*.py", "format.py",
+            "frozen.py", "freeze.py", "kernels/*.py")
 _CTYPES = {"u1": ctypes.c_bool, "ptr": ctypes.c_void_p, "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16,
            "u16": ctypes.c_uint16, "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64,
            "u64": ctypes.c_uint64, "f32": ctypes.c_float, "f64": ctypes.c_double}

@@ -1,7 +1,8 @@
 """Per-layer accounting of a model file: MACs, multiplications vs additions, storage, energy.
 
-Pure functions over a parsed `ternet.format.ModelFile` (no kernels, no numba). The CLI's
-`ternet info` formats what `analyze` returns.
+Pure functions over a parsed `ternet.format.ModelFile` (no kernels, no numba); each op's counts
+come from its module's `cost` (`ternet.ops`). The CLI's `ternet info` formats what `analyze`
+returns.
 
 Counting rules
 --------------
@@ -103,49 +104,16 @@ def _node_bytes(mf, name: str) -> int:
 
 
 def _layer(mf, node, in_shapes) -> LayerInfo:
-    a, op = node.attrs, node.op
+    from .ops import REGISTRY
+    c = REGISTRY[node.op].cost(mf, node, in_shapes)
     ho, wo, co = node.out_shape
-    pix = ho * wo
-    h, w, c = in_shapes[0]
-    weight, macs, int8_macs, tern_macs, adds_t, ew, params = "-", 0, 0, 0, 0, 0, 0
-    outputs = pix * co
-    if op == "conv2d":
-        weight = "int8"
-        k = a["kernel"]
-        int8_macs = macs = pix * co * k * k * a["cin"]
-        params = co * k * k * a["cin"] + co
-    elif op == "depthwise":
-        weight = "int8"
-        k = a["kernel"]
-        int8_macs = macs = pix * co * k * k
-        params = co * k * k + co
-    elif op == "pointwise":
-        weight = a["weight"]
-        cin = a["cin"]
-        macs = pix * co * cin
-        params = co * cin + co
-        if weight == "int8":
-            int8_macs = macs
-        else:
-            n8 = mf.tensor(node, "int8_channels").shape[0] if weight == "hybrid" else 0
-            int8_macs = pix * n8 * cin
-            tern_macs = macs - int8_macs
-            adds_t = pix * int(ternary_nonzeros(mf.tensor(node, "weight")).sum())
-    elif op == "linear":
-        weight = "int8"
-        int8_macs = macs = a["cin"] * a["cout"]
-        params = a["cin"] * a["cout"] + a["cout"]
-        outputs = 0                       # logits are dequantized, not requantized
-    elif op == "add":
-        ew = h * w * c
-    elif op == "global_avg_pool":
-        ew = h * w * c
     return LayerInfo(
-        name=node.name, op=op, in_shapes=tuple(tuple(s) for s in in_shapes),
-        out_shape=tuple(node.out_shape), weight=weight, macs=macs, int8_macs=int8_macs,
-        ternary_macs=tern_macs, mults=int8_macs, adds=int8_macs + adds_t,
-        skipped=tern_macs - adds_t, elementwise_adds=ew, params=params,
-        bytes=_node_bytes(mf, node.name), outputs=outputs)
+        name=node.name, op=node.op, in_shapes=tuple(tuple(s) for s in in_shapes),
+        out_shape=tuple(node.out_shape), weight=c.weight, macs=c.macs, int8_macs=c.int8_macs,
+        ternary_macs=c.ternary_macs, mults=c.int8_macs, adds=c.int8_macs + c.ternary_adds,
+        skipped=c.ternary_macs - c.ternary_adds, elementwise_adds=c.elementwise_adds,
+        params=c.params, bytes=_node_bytes(mf, node.name),
+        outputs=ho * wo * co if c.outputs is None else c.outputs)
 
 
 def _energy(t: dict) -> dict:

@@ -49,7 +49,7 @@ def test_replay_equals_numba_and_reference(tiny, cache, kernels):
     np.testing.assert_array_equal(first, ref[:1])
     np.testing.assert_array_equal(again, ref[:1])
     m2 = ternet.load(path, kernels=kernels)       # another model object: loads the stored plan
-    assert m2._built is None                      # ... without building layers
+    assert m2._program is None                    # ... without lowering the graph
     for i in range(len(x)):
         np.testing.assert_array_equal(m2.predict(x[i:i + 1]), ref[i:i + 1])
     np.testing.assert_array_equal(m2.predict(x), ref)         # batch of 3: its own plan
@@ -179,7 +179,7 @@ def test_images_parallel_over_threads(tiny, cache):
     np.testing.assert_array_equal(m.predict(x), ref)          # records the 2- and 1-image plans
     assert len(_plans(cache)) == 2
     np.testing.assert_array_equal(m.predict(x), ref)          # both workers replay
-    assert {k for k, v in m._workers.items() if v} == {(2, 0), (1, 1)}
+    assert set(m._frozen.workers) == {(2, 0), (1, 1)}
     np.testing.assert_array_equal(ternet.load(path, threads=3).predict(x), ref)
 
 

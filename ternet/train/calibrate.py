@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ternet import quant
-from .fakequant import QuantGraph, WEIGHTED, key
+from .fakequant import QuantGraph, WEIGHTED, key, requantized
 
 
 def _mse_range(v: np.ndarray, lo: float, hi: float, grid=np.linspace(0.25, 1.0, 31)):
@@ -44,7 +44,7 @@ def calibrate_ranges(g: QuantGraph, batches, method: str = "mse", per_batch: int
             act = n["attrs"].get("activation", "none")
             y = torch.clamp(y, 0, 6) if act == "relu6" else (torch.relu(y) if act == "relu" else y)
             vals[name] = y
-            if n["op"] == "linear":
+            if not requantized(n["op"]):
                 continue
             lo[name] = min(lo.get(name, np.inf), float(y.min()))
             hi[name] = max(hi.get(name, -np.inf), float(y.max()))
@@ -108,7 +108,7 @@ def correct_channels(g: QuantGraph, ref: QuantGraph, x: torch.Tensor, match_std:
     def node_outputs(n, vq, vf, run):
         name = n["name"]
         yf = run(ref, n, vf)
-        if n["op"] in WEIGHTED and (only is None or name in only) and n["op"] != "linear":
+        if n["op"] in WEIGHTED and (only is None or name in only) and requantized(n["op"]):
             yq = run(g, n, vq)
             dims = (0, 2, 3)
             mq, mf = yq.mean(dims), yf.mean(dims)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ternet.format import pack_ternary, write_model
-from .fakequant import QuantGraph
+from .fakequant import WEIGHTED, QuantGraph, requantized
 
 
 def model_tensors(g: QuantGraph) -> tuple[list, dict]:
@@ -18,7 +18,7 @@ def model_tensors(g: QuantGraph) -> tuple[list, dict]:
     for n in g.spec:
         name, op, p = n["name"], n["op"], P[n["name"]]
         attrs = dict(n["attrs"])
-        if op in ("conv2d", "pointwise", "depthwise", "linear"):
+        if op in WEIGHTED:
             q = p["q"].astype(np.int8)
             if op == "conv2d":
                 w = q.transpose(0, 2, 3, 1)
@@ -45,7 +45,7 @@ def model_tensors(g: QuantGraph) -> tuple[list, dict]:
             t[f"{name}.weight"] = np.ascontiguousarray(w)
             t[f"{name}.bias"] = p["bias"].astype(np.int32)
             t[f"{name}.weight_scale"] = p["s_w"].astype(np.float32)
-        if op != "linear":
+        if requantized(op):
             t[f"{name}.output_scale"] = np.array([p["s_out"]], np.float32)
             t[f"{name}.output_zero_point"] = np.array([p["zp"]], np.int32)
         graph.append({"name": name, "op": op, "inputs": list(n["inputs"]), "attrs": attrs})

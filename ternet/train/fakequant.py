@@ -20,11 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ternet import quant
+from ternet import ops, quant
 from .fold import FoldedNode
 from .models import pad_input
 
-WEIGHTED = ("conv2d", "pointwise", "depthwise", "linear")
+WEIGHTED = ops.names(weighted=True)         # ops with weight, bias and weight_scale tensors
+
+
+def requantized(op: str) -> bool:
+    """Has a uint8 output with its own scale and zero point (not the float32 logits)."""
+    return ops.get(op).requantized
 
 
 def key(name: str) -> str:
@@ -88,7 +93,7 @@ class QuantGraph(nn.Module):
                 self.bias[k] = nn.Parameter(n.bias.detach().clone().float())
                 self.wmode[n.name] = "int8"
                 self.register_buffer(f"rows_{k}", torch.zeros(n.weight.shape[0], dtype=torch.bool))
-            if n.op != "linear":
+            if requantized(n.op):
                 self.register_buffer(f"rng_{k}", torch.tensor([-1.0, 1.0], dtype=torch.float64))
         self.mode = "float"
         self._int = None
@@ -151,7 +156,7 @@ class QuantGraph(nn.Module):
     def node_post(self, n: dict, y: torch.Tensor) -> torch.Tensor:
         """Activation (float mode) or activation + uint8 fake quantization (fake mode)."""
         act = n["attrs"].get("activation", "none")
-        if n["op"] == "linear":
+        if not requantized(n["op"]):
             return y
         if self.mode == "float":
             return F.relu6(y) if act == "relu6" else (F.relu(y) if act == "relu" else y)
@@ -212,7 +217,7 @@ class QuantGraph(nn.Module):
                 p["q"], p["s_w"] = q, s_w
                 p["bias"] = quant.quantize_bias(self.bias[k].detach().numpy(), s_in, s_w)
                 p["rows"] = np.flatnonzero(getattr(self, f"rows_{k}").numpy()).astype(np.int32)
-            if op == "linear":
+            if not requantized(op):
                 p["scale"] = quant.logit_scale(s_in, p["s_w"])
             else:
                 s_out, zp = self.qparams(name)
