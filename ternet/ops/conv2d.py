@@ -11,11 +11,8 @@ from .. import quant
 
 
 def check(c, attrs, ins):
-    (h, w, ch), s_in, zx = ins[0].shape, ins[0].scale, ins[0].zero_point
-    k, st = conv_attrs(c)
-    pad = c.choice("padding", c.PADDINGS)
-    c.choice("activation", c.ACTIVATIONS)
-    ho, wo = output_hw(c, pad, h, w, k, st)
+    s_in, zx = ins[0].scale, ins[0].zero_point
+    k, ch, ho, wo = check_window(c, ins)
     cin = c.int("cin", 1, c.MAX_CHANNELS)
     cout = c.int("cout", 1, c.MAX_CHANNELS)
     if cin != ch:
@@ -24,6 +21,17 @@ def check(c, attrs, ins):
     wt = c.tensor("weight", np.int8, (cout, k, k, cin))
     check_requantized(c, wt, cout, s_in, zx)
     return (ho, wo, cout)
+
+
+def check_window(c, ins) -> tuple[int, int, int, int]:
+    """The checks every conv-like node (conv2d, depthwise) shares: kernel, stride, padding,
+    activation, output size. Returns (kernel, input channels, output height, output width)."""
+    h, w, ch = ins[0].shape
+    k, st = conv_attrs(c)
+    pad = c.choice("padding", c.PADDINGS)
+    c.choice("activation", c.ACTIVATIONS)
+    ho, wo = output_hw(c, pad, h, w, k, st)
+    return k, ch, ho, wo
 
 
 def conv_attrs(c) -> tuple[int, int]:

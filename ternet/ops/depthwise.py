@@ -6,15 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._base import Cost, Op, Shape, input_zero_point, padding_of, requant_params
-from .conv2d import check_requantized, conv_attrs, output_hw
+from .conv2d import check_requantized, check_window
 
 
 def check(c, attrs, ins):
-    (h, w, ch), s_in, zx = ins[0].shape, ins[0].scale, ins[0].zero_point
-    k, st = conv_attrs(c)
-    pad = c.choice("padding", c.PADDINGS)
-    c.choice("activation", c.ACTIVATIONS)
-    ho, wo = output_hw(c, pad, h, w, k, st)
+    s_in, zx = ins[0].scale, ins[0].zero_point
+    k, ch, ho, wo = check_window(c, ins)
     cout = c.int("channels", 1, c.MAX_CHANNELS)
     if cout != ch:
         c.fail(f"channels={cout} but its input has {ch} channels")
