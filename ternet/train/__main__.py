@@ -375,15 +375,13 @@ def cmd_compact(a):
     """A checkpoint without the optimizer state (a third of the size), to keep in git so that
     a run can go on from another machine: `qat --out DIR` resumes from DIR/ckpt.pt at its step,
     with a fresh Adam state (no longer bit-identical to an uninterrupted run)."""
-    ck = load_pt(a.ckpt, "ternet.train checkpoint", ("desc", "state"), weights_only=False)
+    g, ck = load_ckpt(a.ckpt)
     dropped = [k for k in ("opt",) if k in ck]
-    compact = {k: v for k, v in ck.items() if k not in dropped}
-    compact["history"] = list(ck.get("history", [])) + [command()]
+    kept = {k: v for k, v in ck.items() if k not in ("desc", "state", *dropped)}
+    kept["history"] = list(ck.get("history", [])) + [command()]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(compact, tmp)
-    os.replace(tmp, out)
+    save_ckpt(out, g, **kept)
     print(f"{out}: {out.stat().st_size:,} bytes, step {ck.get('step', '-')}"
           + (f", without {', '.join(dropped)}" if dropped else ""))
 
