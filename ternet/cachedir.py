@@ -1,7 +1,8 @@
 """Where ternet keeps its caches: in the user's cache directory, never inside the package.
 
 * numba's compiled kernels: `$NUMBA_CACHE_DIR`, else `<user cache>/numba`;
-* frozen plans (`ternet.frozen`): `$TERNET_CACHE_DIR/frozen`, else `<user cache>/frozen`;
+* replays (`ternet.replay`): `$TERNET_CACHE_DIR/frozen`, else `<user cache>/frozen` (the
+  directory keeps the name replays had before they were called replays);
 
 where `<user cache>` is `$XDG_CACHE_HOME/ternet`, else `~/.cache/ternet`.
 
@@ -31,7 +32,7 @@ def numba_cache_dir() -> Path:
     return Path(env) if env else user_cache_dir() / "numba"
 
 
-def plans_dir() -> Path:
-    """Where frozen plans are stored."""
+def replays_dir() -> Path:
+    """Where replays are stored."""
     env = os.environ.get("TERNET_CACHE_DIR")
     return Path(env) / "frozen" if env else user_cache_dir() / "frozen"

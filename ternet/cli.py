@@ -126,9 +126,9 @@ def _load_model(name: str | None, threads=None, kernels="auto"):
 
 def _compile_notice(model, kernels: str, quiet: bool, batch: int = 1):
     """Print the first-run notice if the kernel cache looks cold; return the marker key (None
-    when a frozen plan serves this batch size: then numba is not even imported)."""
+    when a replay serves this batch size: then numba is not even imported)."""
     from . import jitcache
-    if model.frozen_ready(batch):
+    if model.replay_ready(batch):
         return None
     sig = jitcache.model_signature(model.file)
     if not quiet and not jitcache.is_warm(kernels, sig):
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ternet", description="CPU inference for PROM-quantized CNNs (ternary pointwise "
         "convolutions, int8 elsewhere).",
         epilog="Environment: TERNET_MODEL, TERNET_NUM_THREADS, NUMBA_CACHE_DIR (compiled kernel "
-               "cache), TERNET_CACHE_DIR and TERNET_PLAN_CACHE_MB (frozen plans), TERNET_DEBUG=1 "
+               "cache), TERNET_CACHE_DIR and TERNET_REPLAY_CACHE_MB (replays), TERNET_DEBUG=1 "
                "(tracebacks).")
     parser.add_argument("--version", action="version", version=f"ternet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -2,13 +2,12 @@
 
 `predict` sends each chunk of images down one route, chosen per call:
 * kernels="reference": the numpy reference runner;
-* one thread, frozen plans on: the frozen executor (a stored plan replayed, or numba run and
-  recorded);
-* several threads, several images, frozen plans on: each thread its share of the images through
-  a frozen plan instance of its own;
+* one thread, replays on: the replay executor (a stored replay run, or numba run and recorded);
+* several threads, several images, replays on: each thread its share of the images through a
+  replay instance of its own;
 * otherwise: the numba executor, numba's threads splitting every step.
-The graph is lowered to steps (`ternet.lowering`) once, on first need: a stored frozen plan lets
-a model run without ever building them.
+The graph is lowered to steps (`ternet.lowering`) once, on first need: a stored replay lets a
+model run without ever building them.
 """
 from __future__ import annotations
 
@@ -20,9 +19,9 @@ import weakref
 
 import numpy as np
 
-from . import frozen
+from . import replay
 from .errors import SettingError
-from .executors import FrozenExecutor, NumbaExecutor, reference_forward
+from .executors import NumbaExecutor, ReplayExecutor, reference_forward
 from .format import ModelFile, read_model
 from .lowering import (KERNEL_CHOICES, classifier_impl, int8_impl, lower,  # noqa: F401 (API)
                        pointwise_impl)
@@ -58,12 +57,12 @@ _MODELS: "weakref.WeakSet[Model]" = weakref.WeakSet()
 
 def _reset_models_in_child() -> None:
     """A forked child inherits each model's lock (perhaps held by a parent thread that does not
-    exist in the child) and its frozen executor's thread pool (whose threads do not exist either:
+    exist in the child) and its replay executor's thread pool (whose threads do not exist either:
     a job sent to it would never run). Give every model a fresh lock and pool. Runs before any
     child thread."""
     for m in list(_MODELS):
         m._lock = threading.Lock()
-        m._frozen.pool = None
+        m._replays.pool = None
 
 
 os.register_at_fork(after_in_child=_reset_models_in_child)
@@ -78,16 +77,16 @@ class Model:
         self.file = mf
         self.kernels = kernels
         self.threads = checked_threads(threads)
-        if frozen.enabled(kernels):
-            frozen.cache_limit()                 # a bad TERNET_PLAN_CACHE_MB fails now
+        if replay.enabled(kernels):
+            replay.cache_limit()                 # a bad TERNET_REPLAY_CACHE_MB fails now
         self._lock = threading.Lock()
-        self._digest = None                      # frozen.model_digest(mf), once needed
+        self._digest = None                      # replay.model_digest(mf), once needed
         self._program = None                     # lowering.Program, once needed
         self._numba_executor = None
-        self._frozen = FrozenExecutor(self._plan_key, self._run_numba_serial, self._run_numba)
+        self._replays = ReplayExecutor(self._replay_key, self._run_numba_serial, self._run_numba)
         _MODELS.add(self)
-        if kernels != "reference" and not self._frozen_available(1):
-            self.program                         # a frozen plan makes building unnecessary
+        if kernels != "reference" and not self._replay_available(1):
+            self.program                         # a stored replay makes building unnecessary
 
     @property
     def program(self):
@@ -133,12 +132,12 @@ class Model:
         out = np.empty((x.shape[0], self.num_classes), np.float32)
         with self._lock:
             threads = self._threads()
-            frozen_on = frozen.enabled(self.kernels) and bool(self.path)
+            replay_on = replay.enabled(self.kernels) and bool(self.path)
             for i in range(0, x.shape[0], MAX_CHUNK):
                 xc, oc = np.ascontiguousarray(x[i:i + MAX_CHUNK]), out[i:i + MAX_CHUNK]
-                if frozen_on and threads == 1:
-                    self._frozen.run(xc, oc)           # replayed, or numba run and recorded
-                elif frozen_on and len(xc) > 1 and self._frozen.run_images_parallel(xc, oc, threads):
+                if replay_on and threads == 1:
+                    self._replays.run(xc, oc)          # replayed, or numba run and recorded
+                elif replay_on and len(xc) > 1 and self._replays.run_images_parallel(xc, oc, threads):
                     pass                               # each thread its share, its own replay
                 else:
                     self._set_threads(threads)         # numba's threads split every step
@@ -157,22 +156,22 @@ class Model:
         self._set_threads(1)
         self._run_numba(x, logits)
 
-    def frozen_ready(self, n: int = 1) -> bool:
-        """Will `predict` on n images replay a stored frozen plan (no numba, no compiling)?"""
-        return n in self._frozen.plans or self._frozen_available(n)
+    def replay_ready(self, n: int = 1) -> bool:
+        """Will `predict` on n images run a stored replay (no numba, no compiling)?"""
+        return n in self._replays.replays or self._replay_available(n)
 
-    def _frozen_available(self, n: int) -> bool:
+    def _replay_available(self, n: int) -> bool:
         try:
-            return (frozen.enabled(self.kernels) and self._threads() == 1 and bool(self.path)
-                    and frozen.exists(self._plan_key(n)))
-        except (OSError, frozen.FrozenError):
+            return (replay.enabled(self.kernels) and self._threads() == 1 and bool(self.path)
+                    and replay.exists(self._replay_key(n)))
+        except (OSError, replay.ReplayError):
             return False
 
-    def _plan_key(self, n: int) -> str:
-        """The frozen plan key for n images; the model's content is hashed once."""
+    def _replay_key(self, n: int) -> str:
+        """The replay key for n images; the model's content is hashed once."""
         if self._digest is None:
-            self._digest = frozen.model_digest(self.file)
-        return frozen.plan_key(self._digest, self.kernels, n)
+            self._digest = replay.model_digest(self.file)
+        return replay.replay_key(self._digest, self.kernels, n)
 
     def _threads(self) -> int:
         return int(self.threads if self.threads is not None else default_threads())

@@ -12,7 +12,7 @@ settings.register_profile("quick", max_examples=10, deadline=None, derandomize=T
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("TERNET_HYPOTHESIS", "ci"))
 
-# Frozen plans (ternet.frozen) go to a per-session directory, never the user's cache; subprocess
+# Replays (ternet.replay) go to a per-session directory, never the user's cache; subprocess
 # tests inherit it through the environment.
 if "TERNET_CACHE_DIR" not in os.environ:
     import tempfile

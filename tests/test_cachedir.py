@@ -17,7 +17,7 @@ def test_locations_follow_the_environment(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cachedir.numba_cache_dir() == tmp_path / "home" / ".cache" / "ternet" / "numba"
-    assert cachedir.plans_dir() == tmp_path / "home" / ".cache" / "ternet" / "frozen"
+    assert cachedir.replays_dir() == tmp_path / "home" / ".cache" / "ternet" / "frozen"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")       # the XDG spec: absolute only
     assert cachedir.user_cache_dir() == tmp_path / "home" / ".cache" / "ternet"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -25,11 +25,12 @@ def test_locations_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "nb"))
     monkeypatch.setenv("TERNET_CACHE_DIR", str(tmp_path / "tc"))
     assert cachedir.numba_cache_dir() == tmp_path / "nb"
-    assert cachedir.plans_dir() == tmp_path / "tc" / "frozen"
+    assert cachedir.replays_dir() == tmp_path / "tc" / "frozen"
 
 
 def _run(code: str, env_update: dict, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TERNET_FROZEN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TERNET_REPLAY",
+                                                                "TERNET_FROZEN")}
     env.update(PYTHONPATH=str(ROOT), **env_update)
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=600)
@@ -47,7 +48,7 @@ def test_kernel_cache_goes_to_the_user_dir_even_if_numba_came_first(tmp_path):
     code = ("import sys, numba, numpy as np, ternet\n"
             "m = ternet.load(sys.argv[1])\n"
             "m.predict(np.zeros((1,) + m.input_shape, np.uint8))\n")
-    r = _run(code, {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "TERNET_FROZEN": "0"}, model)
+    r = _run(code, {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "TERNET_REPLAY": "0"}, model)
     assert r.returncode == 0, r.stderr
     assert _numba_files(tmp_path / "xdg" / "ternet" / "numba")
     assert _numba_files(KERNELS) == before

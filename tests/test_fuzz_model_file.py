@@ -307,9 +307,9 @@ def base_file(tmp_path_factory):
 
 
 def test_mutated_model_files_load_identically_or_are_refused(base_file, tmp_path, monkeypatch):
-    # the numba path itself, not frozen plans: recording one per mutated file would dominate the
-    # run time, and a recorded plan is checked against this same path when it is made
-    monkeypatch.setenv("TERNET_FROZEN", "0")
+    # the numba path itself, not replays: recording one per mutated file would dominate the
+    # run time, and a recorded replay is checked against this same path when it is made
+    monkeypatch.setenv("TERNET_REPLAY", "0")
     x = np.random.default_rng(SEED).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     impls = _fast_impls()
     counts = {"ran": 0, "refused": 0}

@@ -1,6 +1,6 @@
 """The hard_swish op (ternet/ops/hard_swish.py, kernels/lut.py): table kernel == reference bit
 for bit, the reference's defining properties, the loader's checks, a whole model through every
-kernel path and a frozen replay equal to the reference runner, and its `ternet info` row."""
+kernel path and a replay equal to the reference runner, and its `ternet info` row."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -93,20 +93,21 @@ def model(tmp_path_factory):
 
 @pytest.mark.parametrize("impl", _impls())
 def test_model_equals_reference(model, impl, monkeypatch):
-    monkeypatch.setenv("TERNET_FROZEN", "0")
+    monkeypatch.setenv("TERNET_REPLAY", "0")
     path, x, ref = model
     np.testing.assert_array_equal(ternet.load(path, kernels=impl).predict(x), ref)
     assert np.ptp(ref) > 0
 
 
-def test_frozen_replay_equals_reference(model, tmp_path, monkeypatch):
+def test_replay_equals_reference(model, tmp_path, monkeypatch):
     monkeypatch.setenv("TERNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TERNET_REPLAY", raising=False)
     monkeypatch.delenv("TERNET_FROZEN", raising=False)
     path, x, ref = model
     m = ternet.load(path)
     np.testing.assert_array_equal(m.predict(x[:1]), ref[:1])      # numba, recorded
     m2 = ternet.load(path)
-    assert m2.frozen_ready(1)
+    assert m2.replay_ready(1)
     np.testing.assert_array_equal(m2.predict(x[:1]), ref[:1])     # replayed
 
 

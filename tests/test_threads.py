@@ -61,7 +61,7 @@ path, size = sys.argv[1], int(sys.argv[2])
 x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
 m = ternet.load(path, threads=2)
 one = m.predict(x[:1])      # one image: numba's parallel kernels split each layer
-many = m.predict(x)         # several: per-thread frozen plans on the model's thread pool
+many = m.predict(x)         # several: per-thread replays on the model's thread pool
 pid = os.fork()
 if pid == 0:                # same results from the same model, from a new one; serial kernels
     same = (np.array_equal(m.predict(x[:1]), one) and np.array_equal(m.predict(x), many)

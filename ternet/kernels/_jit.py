@@ -13,37 +13,13 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from .. import numba_internals
 from ..cachedir import numba_cache_dir
 
 # Bounds checking for debugging and CI (`NUMBA_BOUNDSCHECK=1` also works, globally).
 _BOUNDSCHECK = os.environ.get("TERNET_BOUNDSCHECK", "") == "1" or None
 _CACHE = os.environ.get("TERNET_NUMBA_CACHE", "1") != "0"
 
-
-def _keep_object_code() -> None:
-    """numba hands a cached kernel's object code to the JIT and drops it; keep a reference so
-    `ternet.freeze` can store it without compiling the kernel again (optional: if numba's
-    internals differ, freeze compiles a fresh copy instead)."""
-    try:
-        from numba.core.codegen import CPUCodeLibrary
-        orig = CPUCodeLibrary.__dict__["_object_getbuffer_hook"].__func__
-    except (ImportError, KeyError, AttributeError):
-        return
-    if getattr(orig, "_ternet", False):
-        return
-
-    def hook(cls, ll_module):
-        buf = orig(cls, ll_module)
-        if buf:
-            lib = getattr(ll_module, "_CPUCodeLibrary__library", None)
-            if lib is not None:
-                lib._ternet_object = buf
-        return buf
-    hook._ternet = True
-    CPUCodeLibrary._object_getbuffer_hook = classmethod(hook)
-
-
-_keep_object_code()
 
 U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)
 
@@ -58,9 +34,7 @@ def _after_fork_in_child() -> None:
     its serial variant (`num_threads` answers 1): same results (kernels are deterministic across
     thread counts), one core per layer."""
     global _SERIAL_ONLY
-    from numba.np.ufunc import parallel
-    if (sys.platform.startswith("linux") and getattr(parallel, "_is_initialized", False)
-            and getattr(parallel, "_threading_layer", None) == "omp"):
+    if sys.platform.startswith("linux") and numba_internals.omp_started():
         _SERIAL_ONLY = True
 
 
@@ -73,9 +47,8 @@ def num_threads() -> int:
     through numba's own ctypes accessor. 1 where parallel kernels must not run."""
     if _SERIAL_ONLY:
         return 1
-    from numba.np.ufunc import parallel
-    get = getattr(parallel, "_get_num_threads", None)
-    if get is None or not getattr(parallel, "_is_initialized", False):
+    get = numba_internals.num_threads_getter()
+    if get is None:
         return numba.get_num_threads()
     n = get()
     return n if n > 0 else numba.get_num_threads()
@@ -95,45 +68,19 @@ def _sources_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _user_dir_cache_class():
-    """numba's FunctionCache with a locator that always answers `numba_cache_dir()`.
+def _cache_path(subpath: str) -> str:
+    """A kernel's cache directory: one subdirectory per source directory (numba's `subpath`:
+    installs never collide) and per version of the kernel sources, in `numba_cache_dir()`.
 
     numba picks a kernel's cache directory from its global config when the kernel is decorated:
     `NUMBA_CACHE_DIR` as read when numba was first imported, else `__pycache__` next to the
     source. Setting the variable ourselves would miss the case where numba was imported first
     (and would move the user's own numba caches too), so ternet's kernels get a cache object of
-    their own. The classes are numba internals whose names changed across versions (0.59:
-    `_UserProvidedCacheLocator`): None if they are not found."""
-    from numba.core import caching
-    base = (getattr(caching, "UserProvidedCacheLocator", None)
-            or getattr(caching, "_UserProvidedCacheLocator", None))
-    impl = getattr(caching, "CompileResultCacheImpl", None)
-    cache = getattr(caching, "FunctionCache", None)
-    if base is None or impl is None or cache is None:
-        return None
-
-    class Locator(base):
-        def __init__(self, py_func, py_file):
-            super().__init__(py_func, py_file)
-            # one subdirectory per source directory, as numba does (installs never collide), and
-            # per version of the kernel sources
-            sub = f"{self.get_suitable_cache_subpath(py_file)}_{_sources_digest()}"
-            self._cache_path = os.path.join(numba_cache_dir(), sub)
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            return super(base, cls).from_function(py_func, py_file)   # skips base's CACHE_DIR test
-
-    class Impl(impl):
-        _locator_classes = [Locator]
-
-    class Cache(cache):
-        _impl_class = Impl
-
-    return Cache
+    their own (`numba_internals.user_dir_cache_class`)."""
+    return os.path.join(numba_cache_dir(), f"{subpath}_{_sources_digest()}")
 
 
-_USER_DIR_CACHE = _user_dir_cache_class() if _CACHE else None
+_USER_DIR_CACHE = numba_internals.user_dir_cache_class(_cache_path) if _CACHE else None
 
 
 def _enable_cache(disp) -> None:
@@ -142,7 +89,7 @@ def _enable_cache(disp) -> None:
     TERNET_NUMBA_CACHE=0): slow, but never the package directory, and never a failed import."""
     if _USER_DIR_CACHE is not None:
         try:
-            disp._cache = _USER_DIR_CACHE(disp.py_func)
+            numba_internals.set_cache(disp, _USER_DIR_CACHE)
         except RuntimeError:            # numba: "no locator available" (directory unusable)
             pass
         return

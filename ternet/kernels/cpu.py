@@ -120,7 +120,7 @@ def amx_permission() -> bool:
     """Ask Linux, once per process, for the AMX tile data state: arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA), then check ARCH_GET_XCOMP_PERM. False where refused (e.g. a signal stack
     too small for the extra state, or a kernel older than 5.16), on other systems, or when the
-    call itself fails: callers then use the VNNI kernels. Needs no numba (frozen plans call it)."""
+    call itself fails: callers then use the VNNI kernels. Needs no numba (replays call it)."""
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:

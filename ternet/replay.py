@@ -1,8 +1,8 @@
-"""Frozen plans: a model's kernel calls for one batch size, replayed without importing numba.
+"""Replays: a model's kernel calls for one batch size, recorded once, replayed without numba.
 
 Importing numba and loading even cached kernels through it costs ~0.6 s, more than the whole
 rest of `ternet classify`. But once a model is built, a forward pass is a fixed sequence of
-calls to compiled kernels on fixed buffers. `ternet.freeze` records that sequence once (after
+calls to compiled kernels on fixed buffers. `ternet.record` records that sequence once (after
 a normal numba run): each kernel's object code, the flattened native arguments of every call
 (array arguments as region + byte offset + shape + strides), and a snapshot of every memory
 region the calls touch (packed weights, scratch, activation buffers). This module loads such a
@@ -12,10 +12,11 @@ kernel through ctypes, copy the logits out.
 A record is only written after it reproduced the numba path's logits bit for bit, and it is
 keyed by everything the machine code depends on (ternet's sources, numba and llvmlite versions,
 Python, the CPU name and features, a hash of the model's content, the kernel choice and the
-batch size). Only single-threaded runs are frozen (parallel kernels need numba's threading
-layer); with several threads and several images, `Model` runs one frozen plan instance per
-thread on its share of the images instead. `TERNET_FROZEN=0` turns the mechanism off. The
-stored plans are capped in size (`cache_limit`); the least recently used go first.
+batch size). Only single-threaded runs are recorded (parallel kernels need numba's threading
+layer); with several threads and several images, `Model` runs one replay instance per thread on
+its share of the images instead. `TERNET_REPLAY=0` turns the mechanism off, and so does a
+numba whose internals are not what `ternet.numba_internals` expects. The stored replays are
+capped in size (`cache_limit`); the least recently used go first.
 """
 from __future__ import annotations
 
@@ -32,31 +33,36 @@ from pathlib import Path
 
 import numpy as np
 
-from .cachedir import plans_dir
+from . import numba_internals
+from .cachedir import replays_dir
 
 FORMAT = 1
 ALIGN = 64
 _SOURCES = ("quant.py", "model.py", "lowering.py", "executors.py", "ops/*.py", "format.py",
-            "frozen.py", "freeze.py", "kernels/*.py")
+            "replay.py", "record.py", "numba_internals.py", "kernels/*.py")
 _CTYPES = {"u1": ctypes.c_bool, "ptr": ctypes.c_void_p, "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16,
            "u16": ctypes.c_uint16, "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64,
            "u64": ctypes.c_uint64, "f32": ctypes.c_float, "f64": ctypes.c_double}
 
 
-class FrozenError(RuntimeError):
-    """A frozen plan cannot be recorded or loaded (the numba path is used instead)."""
+class ReplayError(RuntimeError):
+    """A replay cannot be recorded or loaded (the numba path is used instead)."""
 
 
 def enabled(kernels: str) -> bool:
-    if os.environ.get("TERNET_FROZEN", "1") == "0" or kernels == "reference":
+    """Replays on? `TERNET_REPLAY` (formerly `TERNET_FROZEN`) not 0, not the reference kernels,
+    no bounds checking, llvmlite there and numba's internals as expected (checked without
+    importing numba)."""
+    setting = os.environ.get("TERNET_REPLAY", os.environ.get("TERNET_FROZEN", "1"))
+    if setting == "0" or kernels == "reference":
         return False
     if os.environ.get("NUMBA_BOUNDSCHECK") or os.environ.get("TERNET_BOUNDSCHECK"):
         return False           # debugging runs want numba's checked kernels
-    return importlib.util.find_spec("llvmlite") is not None
+    return importlib.util.find_spec("llvmlite") is not None and numba_internals.self_check()
 
 
 def cache_root() -> Path:
-    return plans_dir()
+    return replays_dir()
 
 
 _LLVM = None
@@ -79,12 +85,10 @@ def _stamps() -> list[str]:
         for p in sorted(glob.glob(str(here / pat))):
             st = os.stat(p)
             out.append(f"{os.path.relpath(p, here)}:{st.st_size}:{st.st_mtime_ns}")
-    spec = importlib.util.find_spec("numba")
-    if spec is None or not spec.origin:
-        raise FrozenError("numba is not installed")
-    ver = os.path.join(os.path.dirname(spec.origin), "_version.py")
-    st = os.stat(ver)
-    out.append(f"numba:{st.st_size}:{st.st_mtime_ns}")
+    try:
+        out.append(numba_internals.version_stamp())
+    except numba_internals.NumbaInternalsError as e:
+        raise ReplayError(str(e)) from None
     return out
 
 
@@ -92,9 +96,9 @@ def model_digest(model) -> str:
     """SHA-256 of a model's content: every field of its ModelFile except the path, tensors by
     name, dtype, shape and bytes. `model`: a loaded ModelFile, or a model file path (read).
 
-    Plans are keyed by what was loaded, not by the file's name, size or times: a file replaced by
-    another of the same size with its mtime restored (`cp -p`, `rsync -t`, `tar -x`) gets a plan
-    of its own, and there is no window between reading the weights and hashing them. Costs about
+    Replays are keyed by what was loaded, not by the file's name, size or times: a file replaced
+    by another of the same size with its mtime restored (`cp -p`, `rsync -t`, `tar -x`) gets a
+    replay of its own, and there is no window between reading the weights and hashing them. Costs about
     2 ms for a 5 MB model (docs/cli.md), computed once per `Model`."""
     from .format import ModelFile, read_model
     mf = model if isinstance(model, ModelFile) else read_model(model)
@@ -111,8 +115,8 @@ def model_digest(model) -> str:
     return h.hexdigest()
 
 
-def plan_key(digest: str, kernels: str, n: int) -> str:
-    """Hash of everything a frozen plan's machine code and memory snapshot depend on; `digest`
+def replay_key(digest: str, kernels: str, n: int) -> str:
+    """Hash of everything a replay's machine code and memory snapshot depend on; `digest`
     is the model's `model_digest`."""
     from . import __version__
     ll = _llvm()
@@ -130,39 +134,42 @@ def paths(key: str) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------- cache size
 
-CACHE_MB = 256          # default cap on the plans stored (TERNET_PLAN_CACHE_MB)
+CACHE_MB = 256          # default cap on the replays stored (TERNET_REPLAY_CACHE_MB)
 ORPHAN_AGE_S = 600      # a lone .bin or .tmp file this old is left over from a crashed writer
 
 
 def cache_limit() -> int:
-    """Bytes the stored plans may take: `TERNET_PLAN_CACHE_MB` (a whole number, 0 stores no
-    plans), else CACHE_MB."""
+    """Bytes the stored replays may take: `TERNET_REPLAY_CACHE_MB` (formerly
+    `TERNET_PLAN_CACHE_MB`; a whole number, 0 stores no replays), else CACHE_MB."""
     from .errors import SettingError
-    env = os.environ.get("TERNET_PLAN_CACHE_MB", "").strip()
+    name = "TERNET_REPLAY_CACHE_MB"
+    if name not in os.environ and "TERNET_PLAN_CACHE_MB" in os.environ:
+        name = "TERNET_PLAN_CACHE_MB"
+    env = os.environ.get(name, "").strip()
     if not env:
         return CACHE_MB << 20
     if not (env.isascii() and env.isdigit()):
-        raise SettingError(f"TERNET_PLAN_CACHE_MB={env!r}: expected a whole number of megabytes")
+        raise SettingError(f"{name}={env!r}: expected a whole number of megabytes")
     return int(env) << 20
 
 
 def evict(limit: int, keep: str) -> None:
-    """Delete the least recently used plans (by their .json's mtime, which `load` renews) until
-    the rest fit in `limit` bytes; the plan `keep` (just written) stays."""
+    """Delete the least recently used replays (by their .json's mtime, which `load` renews)
+    until the rest fit in `limit` bytes; the replay `keep` (just written) stays."""
     root = cache_root()
-    plans, now = [], time.time()
+    stored, now = [], time.time()
     for meta in root.glob("*.json"):
         try:
             st = meta.stat()
-            plans.append((st.st_mtime_ns, st.st_size + meta.with_suffix(".bin").stat().st_size, meta))
-        except OSError:          # deleted meanwhile by another process, or half a plan
+            stored.append((st.st_mtime_ns, st.st_size + meta.with_suffix(".bin").stat().st_size, meta))
+        except OSError:          # deleted meanwhile by another process, or half a replay
             continue
-    plans.sort(key=lambda p: (p[2].stem != keep, -p[0]))     # keep, then newest first
+    stored.sort(key=lambda p: (p[2].stem != keep, -p[0]))     # keep, then newest first
     total = 0
-    for _used, size, meta in plans:
+    for _used, size, meta in stored:
         total += size
         if total > limit and meta.stem != keep:
-            _unlink(meta, meta.with_suffix(".bin"))      # the .json first: no half-plan is loaded
+            _unlink(meta, meta.with_suffix(".bin"))      # the .json first: no half-replay is loaded
     for p in [*root.glob("*.bin"), *root.glob(".tmp-*")]:
         try:
             if not p.with_suffix(".json").exists() and now - p.stat().st_mtime > ORPHAN_AGE_S:
@@ -184,32 +191,17 @@ def _unlink(*files: Path) -> None:
 _HELPERS_DONE = False
 
 
-def _bare_extension(name: str, pattern: str):
-    """Load one of numba's C extension modules without running numba/__init__.py."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec("numba")
-    found = glob.glob(os.path.join(os.path.dirname(spec.origin), pattern))
-    if not found:
-        raise FrozenError(f"numba extension {pattern} not found")
-    s = importlib.util.spec_from_file_location(name, found[0])
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    sys.modules[name] = mod
-    return mod
-
-
 def _register_helpers(ll) -> None:
     """The C helpers numba's generated code calls (the same names numba registers)."""
     global _HELPERS_DONE
     if _HELPERS_DONE:
         return
-    helper = _bare_extension("numba._helperlib", "_helperlib*.so")
-    nrt = _bare_extension("numba.core.runtime._nrt_python", "core/runtime/_nrt_python*.so")
-    for k, v in helper.c_helpers.items():
-        ll.add_symbol("numba_" + k, v)
-    for k, v in nrt.c_helpers.items():
-        ll.add_symbol(k if k.startswith("_") else "NRT_" + k, v)
+    try:
+        helpers = numba_internals.c_helpers()
+    except numba_internals.NumbaInternalsError as e:
+        raise ReplayError(str(e)) from None
+    for name, address in helpers.items():
+        ll.add_symbol(name, address)
     _HELPERS_DONE = True
 
 
@@ -226,15 +218,15 @@ def _resolve(ll, names) -> None:
         except ValueError:
             missing.append(name)
     if missing:
-        raise FrozenError(f"unresolved symbols {missing[:5]}")
+        raise ReplayError(f"unresolved symbols {missing[:5]}")
 
 
-class FrozenPlan:
-    """A loaded frozen plan: `run(x, logits)` for x u8[n, H, W, 3] into logits f32[n, C]."""
+class Replay:
+    """A loaded replay: `run(x, logits)` for x u8[n, H, W, 3] into logits f32[n, C]."""
 
     def __init__(self, meta: dict, blob: bytes | memoryview):
         if meta.get("format") != FORMAT:
-            raise FrozenError("format mismatch")
+            raise ReplayError("format mismatch")
         ll = _llvm()
         _register_helpers(ll)
         blob = memoryview(blob)
@@ -256,7 +248,7 @@ class FrozenPlan:
         if any(k.get("amx") for k in meta["kernels"]):
             from .kernels.cpu import amx_permission      # ctypes only, no numba
             if not amx_permission():
-                raise FrozenError("the plan uses AMX and Linux refused this process the tile state")
+                raise ReplayError("the replay uses AMX and Linux refused this process the tile state")
         _resolve(ll, sorted({s for k in meta["kernels"] for s in k["undefined"]}))
         target = ll.Target.from_default_triple()
         self._engines, fns = [], []
@@ -270,7 +262,7 @@ class FrozenPlan:
             ee.finalize_object()
             addr = ee.get_function_address(k["symbol"])
             if not addr:
-                raise FrozenError(f"symbol {k['symbol'][:60]} not found")
+                raise ReplayError(f"symbol {k['symbol'][:60]} not found")
             self._engines.append(ee)
             proto = ctypes.CFUNCTYPE(ctypes.c_int32, *[_CTYPES[t] for t in k["params"]])
             fns.append(proto(addr))
@@ -298,12 +290,12 @@ class FrozenPlan:
         self.input[...] = x
         for fn, args in self.calls:
             if fn(*args):
-                raise RuntimeError("a frozen kernel reported an error")
+                raise RuntimeError("a replayed kernel reported an error")
         logits[...] = self.output
 
 
-def load(key: str) -> FrozenPlan | None:
-    """The frozen plan stored under `key`, or None if there is none (or it cannot be used)."""
+def load(key: str) -> Replay | None:
+    """The replay stored under `key`, or None if there is none (or it cannot be used)."""
     meta_path, blob_path = paths(key)
     try:
         meta = json.loads(meta_path.read_text())
@@ -315,13 +307,13 @@ def load(key: str) -> FrozenPlan | None:
     try:
         os.utime(meta_path)            # most recently used: `evict` deletes it last
     except OSError:
-        pass                           # e.g. a read-only cache: the plan is still good
+        pass                           # e.g. a read-only cache: the replay is still good
     try:
-        return FrozenPlan(meta, blob)
-    except FrozenError:
+        return Replay(meta, blob)
+    except ReplayError:
         raise
-    except Exception as e:             # e.g. a plan written by an incompatible ternet
-        raise FrozenError(f"cannot load {meta_path.name}: {type(e).__name__}: {e}") from None
+    except Exception as e:             # e.g. a replay written by an incompatible ternet
+        raise ReplayError(f"cannot load {meta_path.name}: {type(e).__name__}: {e}") from None
 
 
 def exists(key: str) -> bool:

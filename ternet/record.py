@@ -1,10 +1,12 @@
-"""Record a frozen plan (see `ternet.frozen`): trace one numba forward pass, keep its kernels'
+"""Record a replay (see `ternet.replay`): trace one numba forward pass, keep its kernels'
 object code, their calls and a snapshot of the memory they touch; verify the replay bit for bit
 against numba before writing it to the cache.
 
-Needs numba (it runs right after a numba forward pass); reads a few numba internals (dispatcher
-overloads, the calling convention, the code library's object code), all checked: anything
-unexpected raises FrozenError and the numba path simply stays in use.
+Needs numba (it runs right after a numba forward pass, inside
+`numba_internals.keeping_object_code`); what it reads of numba's internals (the traced calls,
+the calling convention, the code library's object code, the JIT's target) goes through
+`ternet.numba_internals`. Anything unexpected raises ReplayError and the numba path simply
+stays in use.
 """
 from __future__ import annotations
 
@@ -13,68 +15,21 @@ import json
 import os
 import struct
 import tempfile
-import threading
 
 import numpy as np
 
-from . import frozen
-from .frozen import FrozenError
+from . import numba_internals, replay
+from .replay import ReplayError
 
 _KERNELS = "ternet.kernels"
 
 
-# ---------------------------------------------------------------------------------- tracing
-
-_TRACE_LOCK = threading.Lock()
-
-
-def trace(fn) -> list:
-    """Run fn() and return [(dispatcher, args)] for every call of a jitted function from Python
-    made by this thread (calls from other threads pass through untouched)."""
-    from numba import _dispatcher
-    from numba.core.dispatcher import Dispatcher
-    base_call = _dispatcher.Dispatcher.__call__
-    calls, me = [], threading.get_ident()
-
-    def traced(self, *args, **kw):
-        if threading.get_ident() == me:
-            if kw:
-                raise FrozenError("keyword arguments to a kernel")
-            calls.append((self, args))
-        return base_call(self, *args, **kw)
-
-    with _TRACE_LOCK:
-        Dispatcher.__call__ = traced
-        try:
-            fn()
-        finally:
-            del Dispatcher.__call__
-    return calls
-
-
 # ---------------------------------------------------------------------------------- object code
-
-def _object_code(disp, sig, cres) -> bytes:
-    """The object code of a compiled overload, all its callees linked in."""
-    lib = cres.library
-    obj = getattr(lib, "_compiled_object", None) or getattr(lib, "_ternet_object", None)
-    if obj:
-        return bytes(obj)
-    # Loaded from numba's cache (the object went to the JIT and was dropped): compile a fresh,
-    # uncached copy and emit its object code.
-    import numba
-    opts = {k: v for k, v in disp.targetoptions.items() if k in (
-        "nogil", "error_model", "fastmath", "boundscheck", "parallel", "inline")}
-    clone = numba.njit(cache=False, **opts)(disp.py_func)
-    clone.compile(sig)
-    lib = clone.overloads[sig].library
-    return bytes(lib._codegen._tm.emit_object(lib._final_module))
-
 
 def _elf_undefined(obj: bytes) -> tuple[set, set]:
     """(undefined, defined) global symbol names of an ELF64 little-endian relocatable object."""
     if obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
-        raise FrozenError("object code is not ELF64 little-endian")
+        raise ReplayError("object code is not ELF64 little-endian")
     shoff, = struct.unpack_from("<Q", obj, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
     secs = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
@@ -106,7 +61,7 @@ def _ctype(ir_type, fe_type) -> str:
     if s in ("i8", "i16", "i32", "i64"):
         signed = getattr(fe_type, "signed", True)
         return ("i" if signed else "u") + s[1:]
-    raise FrozenError(f"unsupported argument type {s}")
+    raise ReplayError(f"unsupported argument type {s}")
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -140,7 +95,7 @@ class _Regions:
         for s in rest:
             for f in fixed:
                 if s[0] < f[1] and f[0] < s[1] and not (f[0] <= s[0] and s[1] <= f[1]):
-                    raise FrozenError("an argument partly overlaps the input or the logits")
+                    raise ReplayError("an argument partly overlaps the input or the logits")
         merged = []
         for lo, hi in rest:
             if any(f[0] <= lo and hi <= f[1] for f in fixed):
@@ -157,13 +112,13 @@ class _Regions:
                 return [i, ptr - lo]
         if nbytes == 0:
             return [0, 0]
-        raise FrozenError("an array argument outside every region")
+        raise ReplayError("an array argument outside every region")
 
 
 # ---------------------------------------------------------------------------------- record
 
 def _flatten(value, fe_type, regions: _Regions) -> list:
-    from numba.core import types
+    types = numba_internals.numba_types()
     if isinstance(fe_type, types.Array):
         a = value
         lo, hi = _extent(a)
@@ -178,36 +133,39 @@ def _flatten(value, fe_type, regions: _Regions) -> list:
         return [float(value)]
     if isinstance(fe_type, types.BaseTuple) and len(fe_type) == len(value):
         return [v for item, t in zip(value, fe_type) for v in _flatten(item, t, regions)]
-    raise FrozenError(f"unsupported kernel argument type {fe_type}")
+    raise ReplayError(f"unsupported kernel argument type {fe_type}")
 
 
-def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.FrozenPlan":
+def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "replay.Replay":
     """Trace `forward(x, logits)` (a numba forward pass whose kernels are already compiled),
-    verify the replay against it and store the frozen plan under `key`."""
-    from numba.core import types
+    verify the replay against it and store it under `key`."""
+    types = numba_internals.numba_types()
 
-    calls = trace(lambda: forward(x, logits))
+    calls = numba_internals.trace_calls(lambda: forward(x, logits))
     if not calls:
-        raise FrozenError("no kernel calls traced")
+        raise ReplayError("no kernel calls traced")
+    if any(kw for _disp, _args, kw in calls):
+        raise ReplayError("keyword arguments to a kernel")
+    calls = [(disp, args) for disp, args, _kw in calls]
     regions = _Regions(x, logits)
     kernels, index, sigs = [], {}, []
     for disp, args in calls:
         if not getattr(disp.py_func, "__module__", "").startswith(_KERNELS):
-            raise FrozenError(f"{disp.py_func.__qualname__} is not a ternet kernel")
+            raise ReplayError(f"{disp.py_func.__qualname__} is not a ternet kernel")
         if disp.targetoptions.get("parallel"):
-            raise FrozenError("parallel kernels are not frozen")
+            raise ReplayError("parallel kernels are not recorded")
         sig = tuple(disp.typeof_pyval(a) for a in args)
         cres = disp.overloads.get(sig)
         if cres is None:
-            raise FrozenError(f"no exact overload of {disp.py_func.__qualname__} for {sig}")
+            raise ReplayError(f"no exact overload of {disp.py_func.__qualname__} for {sig}")
         if cres.signature.return_type != types.none:
-            raise FrozenError(f"{disp.py_func.__qualname__} returns a value")
+            raise ReplayError(f"{disp.py_func.__qualname__} returns a value")
         for a, t in zip(args, sig):
             if isinstance(t, types.Array):
                 regions.add(a)
         sigs.append(sig)
         if (id(disp), sig) not in index:
-            fnty = cres.target_context.call_conv.get_function_type(cres.signature.return_type, sig)
+            fn_args, symbol = numba_internals.native_signature(cres, sig)
             flat_fe = []
             for t in sig:
                 if isinstance(t, types.Array):
@@ -216,16 +174,15 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
                     flat_fe += list(t)
                 else:
                     flat_fe.append(t)
-            params = ["ptr", "ptr"] + [_ctype(ir_t, fe) for ir_t, fe in zip(fnty.args[2:], flat_fe)]
-            if len(fnty.args) != len(flat_fe) + 2:
-                raise FrozenError("argument flattening does not match numba's calling convention")
-            obj = _object_code(disp, sig, cres)
+            params = ["ptr", "ptr"] + [_ctype(ir_t, fe) for ir_t, fe in zip(fn_args[2:], flat_fe)]
+            if len(fn_args) != len(flat_fe) + 2:
+                raise ReplayError("argument flattening does not match numba's calling convention")
+            obj = numba_internals.object_code(cres)
             undef, defined = _elf_undefined(obj)
-            symbol = cres.fndesc.llvm_func_name
             if symbol not in defined:
-                raise FrozenError(f"{symbol[:60]} not defined in its object code")
+                raise ReplayError(f"{symbol[:60]} not defined in its object code")
             index[id(disp), sig] = len(kernels)
-            # AMX kernels need the process's tile permission before they run (frozen.FrozenPlan)
+            # AMX kernels need the process's tile permission before they run (replay.Replay)
             kernels.append({"name": disp.py_func.__qualname__, "symbol": symbol, "params": params,
                             "undefined": sorted(undef), "obj": obj,
                             "amx": disp.py_func.__module__ == f"{_KERNELS}.amx"})
@@ -235,7 +192,7 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
         flat = [v for a, t in zip(args, sig) for v in _flatten(a, t, regions)]
         k = index[id(disp), sig]
         if len(flat) != len(kernels[k]["params"]) - 2:
-            raise FrozenError("flattened arguments do not match the kernel's parameters")
+            raise ReplayError("flattened arguments do not match the kernel's parameters")
         rec_calls.append({"kernel": k, "args": flat})
 
     # snapshot: the memory as the numba path leaves it is a valid state for the next forward
@@ -243,7 +200,7 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
     blob = bytearray()
 
     def put(data: bytes) -> int:
-        blob.extend(b"\0" * (-len(blob) % frozen.ALIGN))
+        blob.extend(b"\0" * (-len(blob) % replay.ALIGN))
         off = len(blob)
         blob.extend(data)
         return off
@@ -251,44 +208,44 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "frozen.Froz
     reg_meta = []
     for i, (lo, hi) in enumerate(regions.regions):
         keep = i >= 2                   # input and logits are written per call
-        reg_meta.append({"size": hi - lo, "mod": lo % frozen.ALIGN,
+        reg_meta.append({"size": hi - lo, "mod": lo % replay.ALIGN,
                          "blob": put(ctypes.string_at(lo, hi - lo)) if keep else None})
     for k in kernels:
         obj = k.pop("obj")
         k["blob"], k["size"] = put(obj), len(obj)
-    from numba.core.registry import cpu_target
-    cg = cpu_target.target_context.codegen()
-    meta = {"format": frozen.FORMAT, "cpu": cg._get_host_cpu_name(), "features": cg._tm_features,
+    cpu, features = numba_internals.host_target()
+    meta = {"format": replay.FORMAT, "cpu": cpu, "features": features,
             "kernels": kernels, "calls": rec_calls, "regions": reg_meta,
             "input": [0, 0, list(x.shape), x.dtype.str], "output": [1, 0, list(logits.shape), logits.dtype.str],
             "blob_size": len(blob), "blob_sha256": hashlib.sha256(blob).hexdigest()}
     meta = json.loads(json.dumps(meta))          # what load() will see
 
     # verify: the replay must reproduce the numba path exactly, on this input and on another
-    plan = frozen.FrozenPlan(meta, bytes(blob))
+    rep = replay.Replay(meta, bytes(blob))
     rng = np.random.default_rng(0)
     for xi in (x.copy(), rng.integers(0, 256, x.shape, dtype=np.uint8)):
         want = np.empty_like(logits)
         forward(np.ascontiguousarray(xi), want)
         got = np.empty_like(logits)
-        plan.run(xi, got)
+        rep.run(xi, got)
         if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
-            raise FrozenError("the replay does not reproduce the numba path")
+            raise ReplayError("the replay does not reproduce the numba path")
     _write(key, meta, bytes(blob))
-    return plan
+    return rep
 
 
 def _write(key: str, meta: dict, blob: bytes) -> None:
-    """Store the plan, then evict least recently used plans beyond the cache limit (stale
-    plans of other ternet or numba versions and of edited model files would pile up otherwise).
-    A plan bigger than the whole limit is not stored: it would only evict everything else."""
+    """Store the replay, then evict least recently used replays beyond the cache limit (stale
+    replays of other ternet or numba versions and of edited model files would pile up
+    otherwise). A replay bigger than the whole limit is not stored: it would only evict
+    everything else."""
     data = json.dumps(meta).encode()
-    limit = frozen.cache_limit()
+    limit = replay.cache_limit()
     if len(blob) + len(data) > limit:
         return
-    meta_path, blob_path = frozen.paths(key)
+    meta_path, blob_path = replay.paths(key)
     meta_path.parent.mkdir(parents=True, exist_ok=True)
-    # the .json last: its presence marks the plan complete
+    # the .json last: its presence marks the replay complete
     for path, content in ((blob_path, blob), (meta_path, data)):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -298,4 +255,4 @@ def _write(key: str, meta: dict, blob: bytes) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
-    frozen.evict(limit, keep=key)
+    replay.evict(limit, keep=key)
