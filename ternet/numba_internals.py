@@ -307,6 +307,18 @@ def trace_calls(fn) -> list:
     return calls
 
 
+def compiled_overload(disp, args) -> tuple[tuple, object]:
+    """(the numba types of `args`, the compiled overload of dispatcher `disp` for exactly those
+    types or None): `Dispatcher.typeof_pyval` and `Dispatcher.overloads`."""
+    sig = tuple(disp.typeof_pyval(a) for a in args)
+    return sig, disp.overloads.get(sig)
+
+
+def runs_parallel(disp) -> bool:
+    """Was dispatcher `disp` made with parallel=True? (`Dispatcher.targetoptions`.)"""
+    return bool(disp.targetoptions.get("parallel"))
+
+
 def object_code(cres) -> bytes:
     """The object code of a compiled overload `cres`, all its callees linked in: the code
     library's `_compiled_object` (a fresh compile), else what `keeping_object_code` kept, else

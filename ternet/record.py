@@ -152,10 +152,9 @@ def record(forward, x: np.ndarray, logits: np.ndarray, key: str) -> "replay.Repl
     for disp, args in calls:
         if not getattr(disp.py_func, "__module__", "").startswith(_KERNELS):
             raise ReplayError(f"{disp.py_func.__qualname__} is not a ternet kernel")
-        if disp.targetoptions.get("parallel"):
+        if numba_internals.runs_parallel(disp):
             raise ReplayError("parallel kernels are not recorded")
-        sig = tuple(disp.typeof_pyval(a) for a in args)
-        cres = disp.overloads.get(sig)
+        sig, cres = numba_internals.compiled_overload(disp, args)
         if cres is None:
             raise ReplayError(f"no exact overload of {disp.py_func.__qualname__} for {sig}")
         if cres.signature.return_type != types.none:
