@@ -142,14 +142,16 @@ def _record_problem() -> str | None:
             "numba.core.types Array, Boolean, Integer, Float, BaseTuple, none":
                 all(hasattr(types, n) for n in ("Array", "Boolean", "Integer", "Float",
                                                 "BaseTuple", "none")),
-            "CPUCodeLibrary._object_getbuffer_hook(ll_module), _object_compiled_hook(ll_module, buf)":
+            "CPUCodeLibrary._object_getbuffer_hook(ll_module), "
+            "_object_compiled_hook(ll_module, buf)":
                 hook_params("_object_getbuffer_hook") == ["ll_module"]
                 and hook_params("_object_compiled_hook") == ["ll_module", "buf"]
                 and issubclass(cg._library_class, CPUCodeLibrary),
             "CPUCodeLibrary._get_module_for_linking":
                 callable(getattr(CPUCodeLibrary, "_get_module_for_linking", None)),
             "CPUCodeLibrary.__library on its final module":
-                "_CPUCodeLibrary__library" in CPUCodeLibrary._finalize_final_module.__code__.co_names,
+                "_CPUCodeLibrary__library"
+                in CPUCodeLibrary._finalize_final_module.__code__.co_names,
             "codegen _engine.set_object_cache, _tm.emit_object, _tm_features, _get_host_cpu_name":
                 callable(cg._engine.set_object_cache) and callable(cg._tm.emit_object)
                 and isinstance(cg._tm_features, str) and isinstance(cg._get_host_cpu_name(), str),

@@ -98,8 +98,8 @@ def model_digest(model) -> str:
 
     Replays are keyed by what was loaded, not by the file's name, size or times: a file replaced
     by another of the same size with its mtime restored (`cp -p`, `rsync -t`, `tar -x`) gets a
-    replay of its own, and there is no window between reading the weights and hashing them. Costs about
-    2 ms for a 5 MB model (docs/cli.md), computed once per `Model`."""
+    replay of its own, and there is no window between reading the weights and hashing them.
+    Costs about 2 ms for a 5 MB model (docs/cli.md), computed once per `Model`."""
     from .format import ModelFile, read_model
     mf = model if isinstance(model, ModelFile) else read_model(model)
     h = hashlib.sha256()

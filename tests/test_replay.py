@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TERNET_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("TERNET_REPLAY", "TERNET_FROZEN", "TERNET_REPLAY_CACHE_MB", "TERNET_PLAN_CACHE_MB"):
+    for name in ("TERNET_REPLAY", "TERNET_FROZEN",
+                 "TERNET_REPLAY_CACHE_MB", "TERNET_PLAN_CACHE_MB"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "cache" / "frozen"
 
