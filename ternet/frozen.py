@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import config
 from .cachedir import plans_dir
 
 FORMAT = 1
@@ -48,9 +49,9 @@ class FrozenError(RuntimeError):
 
 
 def enabled(kernels: str) -> bool:
-    if os.environ.get("TERNET_FROZEN", "1") == "0" or kernels == "reference":
+    if not config.get("TERNET_FROZEN") or kernels == "reference":
         return False
-    if os.environ.get("NUMBA_BOUNDSCHECK") or os.environ.get("TERNET_BOUNDSCHECK"):
+    if os.environ.get("NUMBA_BOUNDSCHECK") or config.get("TERNET_BOUNDSCHECK"):
         return False           # debugging runs want numba's checked kernels
     return importlib.util.find_spec("llvmlite") is not None
 
@@ -130,20 +131,13 @@ def paths(key: str) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------- cache size
 
-CACHE_MB = 256          # default cap on the plans stored (TERNET_PLAN_CACHE_MB)
 ORPHAN_AGE_S = 600      # a lone .bin or .tmp file this old is left over from a crashed writer
 
 
 def cache_limit() -> int:
     """Bytes the stored plans may take: `TERNET_PLAN_CACHE_MB` (a whole number, 0 stores no
-    plans), else CACHE_MB."""
-    from .errors import SettingError
-    env = os.environ.get("TERNET_PLAN_CACHE_MB", "").strip()
-    if not env:
-        return CACHE_MB << 20
-    if not (env.isascii() and env.isdigit()):
-        raise SettingError(f"TERNET_PLAN_CACHE_MB={env!r}: expected a whole number of megabytes")
-    return int(env) << 20
+    plans; default 256)."""
+    return config.get("TERNET_PLAN_CACHE_MB") << 20
 
 
 def evict(limit: int, keep: str) -> None:

@@ -217,8 +217,8 @@ def _pointwise_plan(w2, bias, zx, mult, zp_out, lo, hi, impl):
                             pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN))
     from .pointwise import make_pointwise     # noqa: PLC0415 (pointwise imports numba kernels lazily)
     if impl is None:
-        from .cpu import best_pointwise_impl   # noqa: PLC0415
-        impl = best_pointwise_impl(ternary=False)
+        from .cpu import pointwise_kernel   # noqa: PLC0415
+        impl = pointwise_kernel(ternary=False)
     return make_pointwise(w2, bias, zx, mult, zp_out, lo, hi, impl)
 
 

@@ -599,7 +599,7 @@ def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
 
 
 def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
-    """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.best_pointwise_impl)."""
+    """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.pointwise_kernel)."""
     if impl in ("vnni", "avx2", "amx"):
         from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
         return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi,
