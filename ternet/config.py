@@ -1,10 +1,11 @@
 """Settings: every `TERNET_*` environment variable ternet reads, read here and nowhere else.
 
 Each setting has a name, a default, a parser and a one-line description (`SETTINGS`; the table
-in docs/config.md is `markdown_table()`). `get(name)` (name spelled out at each call site, so that a search for the variable finds its
-users) reads the variable at each call (so a
+in docs/config.md is `markdown_table()`). `get(name)` reads the variable at each call (so a
 change between calls counts), parses and validates it, and raises `SettingError` naming the
 variable and the value when it is unusable; the CLI reports that as a usage error (exit 2).
+Call sites spell the name out (`config.get("TERNET_DEBUG")`), so a search for a variable finds
+every user.
 
 One rule for every variable: unset or empty means the default. Switches are on for 1, true,
 yes, on and off for 0, false, no, off (any case, surrounding blanks ignored); any other value

@@ -2,9 +2,10 @@
 
 Each node becomes its op's step (`ternet.ops`, `Op.build`), with the kernel this CPU and the
 `kernels` request choose (`cpu.pointwise_kernel`, `cpu.classifier_kernel`); a residual add right
-after a pointwise conv whose kernel can take it is fused into that conv's epilogue. Values live in arena slots (0: the graph input, 1..len(graph):
-the node values, then the depthwise steps' shared scratch); `arena_views` lays the slots over
-buffers shared by liveness, so a network needs only a few of them.
+after a pointwise conv whose kernel can take it is fused into that conv's epilogue. Values live
+in arena slots (0: the graph input, 1..len(graph): the node values, then the depthwise steps'
+shared scratch); `arena_views` lays the slots over buffers shared by liveness, so a network
+needs only a few of them.
 """
 from __future__ import annotations
 

@@ -82,6 +82,7 @@ class Model:
         self.file = mf
         self.kernels = kernels
         self.threads = checked_threads(threads)
+        config.get("TERNET_DEBUG")               # a bad value fails now, not in an error path
         if frozen.enabled(kernels):
             frozen.cache_limit()                 # a bad TERNET_PLAN_CACHE_MB fails now
         self._lock = threading.Lock()

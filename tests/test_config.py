@@ -13,10 +13,11 @@ from ternet.kernels import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCHES = [s.name for s in config.SETTINGS.values() if s.parse is config.switch]
-# Read by the tests and benchmarks themselves, not by the package.
-# os.environ.get("TERNET_..."), os.environ["TERNET_..."], os.getenv("TERNET_..."), "TERNET_..." in os.environ
+# A read of a TERNET_ variable: os.environ.get("TERNET_..."), os.environ["TERNET_..."],
+# os.getenv("TERNET_..."), "TERNET_..." in os.environ.
 READ = (r"""(environ\.get\(|environ\[|getenv\()\s*["']TERNET_"""
         r"""|["']TERNET_\w+["']\s+(not\s+)?in\s+\w*\.?environ""")
+# Read by the tests and benchmarks themselves, not by the package.
 OUTSIDE_THE_PACKAGE = {"TERNET_HYPOTHESIS", "TERNET_FUZZ_N", "TERNET_PEERS_CACHE"}
 
 
@@ -59,7 +60,8 @@ def test_numbers(env):
     assert config.get("TERNET_NUM_THREADS") == 3
     for bad in ("0", "-1", "2.0", "abc", "٣"):            # an Arabic-Indic 3 is not ASCII
         env.setenv("TERNET_NUM_THREADS", bad)
-        with pytest.raises(SettingError, match=f"^TERNET_NUM_THREADS='{bad}': expected a positive integer$"):
+        with pytest.raises(SettingError,
+                           match=f"^TERNET_NUM_THREADS='{bad}': expected a positive integer$"):
             config.get("TERNET_NUM_THREADS")
     env.setenv("TERNET_PLAN_CACHE_MB", "0")
     assert config.get("TERNET_PLAN_CACHE_MB") == 0
@@ -67,7 +69,8 @@ def test_numbers(env):
     assert config.get("TERNET_PLAN_CACHE_MB") == 1024
     for bad in ("-1", "1.5", "1e3", "lots"):
         env.setenv("TERNET_PLAN_CACHE_MB", bad)
-        with pytest.raises(SettingError, match=f"^TERNET_PLAN_CACHE_MB='{bad}': expected a whole number"):
+        with pytest.raises(SettingError,
+                           match=f"^TERNET_PLAN_CACHE_MB='{re.escape(bad)}': expected a whole"):
             config.get("TERNET_PLAN_CACHE_MB")
 
 
@@ -126,6 +129,22 @@ def test_debug_zero_is_off_everywhere(env, capsys):
     env.setenv("TERNET_DEBUG", "1")
     debug_note("shown")
     assert capsys.readouterr().err == "ternet: shown\n"
+
+
+def test_frozen_plan_switches(env):
+    """TERNET_FROZEN=false turns plans off (it used to count as on: only "0" did), and
+    TERNET_BOUNDSCHECK=0 leaves them on (any non-empty value used to turn them off)."""
+    from ternet import frozen
+    env.delenv("NUMBA_BOUNDSCHECK", raising=False)
+    on = frozen.enabled("auto")                          # False only without llvmlite
+    for value, want in (("false", False), ("off", False), ("0", False), ("1", on), ("", on)):
+        env.setenv("TERNET_FROZEN", value)
+        assert frozen.enabled("auto") is want, value
+    env.delenv("TERNET_FROZEN")
+    for value, want in (("0", on), ("no", on), ("1", False), ("true", False)):
+        env.setenv("TERNET_BOUNDSCHECK", value)
+        assert frozen.enabled("auto") is want, value
+    assert frozen.enabled("reference") is False
 
 
 def test_kernel_module_switches():

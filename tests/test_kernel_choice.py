@@ -40,7 +40,8 @@ def _kernels(request):
 def test_request_vocabulary():
     assert cpu.REQUESTS == ("auto", "amx", "vnni", "avx2", "addonly", "plain", "reference")
     assert cpu.REQUESTS[1:-1] == cpu.IMPLS
-    assert set(cpu.REQUEST_ROW) == set(cpu.IMPLS) and set(cpu.REQUEST_ROW.values()) <= set(cpu.KERNEL_TABLE)
+    assert set(cpu.REQUEST_ROW) == set(cpu.IMPLS)
+    assert set(cpu.REQUEST_ROW.values()) <= set(cpu.KERNEL_TABLE)
 
 
 @pytest.mark.parametrize("flags, cls, pointwise, classifier, depthwise", [
@@ -140,8 +141,8 @@ def test_cli_kernels_default_is_the_variable(tiny):
     assert json.loads(r.stdout)["kernels"] == "reference"
 
 
-@pytest.mark.parametrize("var, value, args", [("TERNET_KERNELS", "bogus", ()),
-                                              ("TERNET_DEBUG", "maybe", ("--kernels", "reference"))])
+@pytest.mark.parametrize("var, value, args", [
+    ("TERNET_KERNELS", "bogus", ()), ("TERNET_DEBUG", "maybe", ("--kernels", "reference"))])
 def test_cli_bad_setting_is_a_usage_error(tiny, var, value, args):
     r = _cli("classify", CAT, "--model", tiny, *args, env={var: value})
     assert r.returncode == 2 and r.stdout == ""

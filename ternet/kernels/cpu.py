@@ -27,11 +27,12 @@ ISA_FEATURES = {
 }
 
 # The kernel each op runs on each CPU class (cpu_class(): the first class the CPU qualifies for).
-# The one place the choice is made; a request other than auto picks its own row (REQUEST_ROW),
-# `plain` also for ternary weights. "addonly|plain": the multiplication-free kernel for ternary (and hybrid) weights, the
-# portable dense one for int8. The stem is im2col + the pointwise family's int8 GEMM (AMX plans
-# run it on VNNI: 27 input channels); the classifier's sums come from the VNNI / AVX2 GEMM where
-# there is one (AMX does not pay at batch sizes below 16). Measured 2026-12 on a 2-core Intel Xeon
+# The one place the choice is made; a request other than auto picks its family's row
+# (REQUEST_ROW; `plain` also for ternary weights). "addonly|plain": the multiplication-free
+# kernel for ternary (and hybrid) weights, the portable dense one for int8. The stem is im2col +
+# the pointwise family's int8 GEMM (AMX plans run it on VNNI: 27 input channels); the
+# classifier's sums come from the VNNI / AVX2 GEMM where there is one (AMX does not pay at batch
+# sizes below 16). Measured 2026-12 on a 2-core Intel Xeon
 # (AMX) with benchmarks/bench_depthwise.py and bench_pointwise.py, 1 thread (docs/kernels.md).
 KERNEL_TABLE = {
     "amx":        {"pointwise": "amx",  "depthwise": "vnni", "classifier": "vnni"},
