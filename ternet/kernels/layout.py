@@ -24,3 +24,12 @@ def check_pw_buffers(x, P, out, cin_p, cout_p, out_dtype) -> None:
         raise TypeError(f"expected x uint8 and out {np.dtype(out_dtype)}, got {x.dtype} and {out.dtype}")
     if not (x.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("x and out must be C-contiguous")
+
+
+def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """C-contiguous copy of `a` starting on an `align`-byte boundary (weight vectors = cache lines)."""
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
