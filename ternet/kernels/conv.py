@@ -19,9 +19,8 @@ from numba import prange
 from .. import quant
 from ._jit import U, kernel, num_threads
 from .layout import CH_ALIGN, ROW_SLACK, pad_to
-
-I32_MAX = 2**31 - 1
-PAR_MIN_BYTES = 1 << 17    # im2col output above which it is split over threads (the stem: 392 KiB)
+from .limits import IM2COL_PAR_MIN_BYTES as PAR_MIN_BYTES
+from .limits import I32_MAX
 
 
 # ---------------------------------------------------------------------------------------------

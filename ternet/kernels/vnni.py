@@ -544,10 +544,7 @@ class PwVnniPlan:
 
     def __call__(self, x, P, out):
         """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
-        if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
-                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0
-                or not x.flags.c_contiguous or not out.flags.c_contiguous):
-            self._check(x, P, out, _U8)
+        check_pw_buffers(x, P, out, self.cin_p, self.cout_p, _U8)
         if P:
             _, driver, chunks = self._work(P)
             driver(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, out, self.nkb, chunks)
