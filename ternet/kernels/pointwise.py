@@ -142,6 +142,28 @@ class Scratch(NamedTuple):
     yt: object
 
 
+@kernel(inline="always")
+def _store8(a, d, s, words):
+    """a[d + i*s] = words[i] for the 8 words (all loaded before: the transposes run in place)."""
+    b0, b1, b2, b3, b4, b5, b6, b7 = words
+    a[d] = b0
+    a[d + s] = b1
+    a[d + U(2) * s] = b2
+    a[d + U(3) * s] = b3
+    a[d + U(4) * s] = b4
+    a[d + U(5) * s] = b5
+    a[d + U(6) * s] = b6
+    a[d + U(7) * s] = b7
+
+
+@kernel(inline="always")
+def _offsets8(rows, a, rs):
+    """Scratch offsets of the 8 rows rows[a:a+8], rs bytes apart."""
+    return (U(rows[a]) * rs, U(rows[a + U(1)]) * rs, U(rows[a + U(2)]) * rs, U(rows[a + U(3)]) * rs,
+            U(rows[a + U(4)]) * rs, U(rows[a + U(5)]) * rs, U(rows[a + U(6)]) * rs,
+            U(rows[a + U(7)]) * rs)
+
+
 @kernel()
 def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
     """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P,
@@ -178,18 +200,9 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
         for g in range(ngrp):
             r = p0 + u8 * g
             for k in range(kw):
-                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                _store8(xt64, u8 * k * ws + g, ws, _tr8(
                     x64[r, k], x64[r + u1, k], x64[r + u2, k], x64[r + u3, k],
-                    x64[r + u4, k], x64[r + u5, k], x64[r + u6, k], x64[r + u7, k])
-                d = u8 * k * ws + g
-                xt64[d] = b0
-                xt64[d + ws] = b1
-                xt64[d + u2 * ws] = b2
-                xt64[d + u3 * ws] = b3
-                xt64[d + u4 * ws] = b4
-                xt64[d + u5 * ws] = b5
-                xt64[d + u6 * ws] = b6
-                xt64[d + u7 * ws] = b7
+                    x64[r + u4, k], x64[r + u5, k], x64[r + u6, k], x64[r + u7, k]))
         if compl:       # ~x rows: subtracting x_c becomes adding ~x_c (the -255 is in the bias)
             for c in range(cin_p):
                 s = c * rs
@@ -232,14 +245,7 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
                         # int16 partial sum of <= CHUNK rows of u8: 0 <= acc16 <= 128*255 = 32640
                         # (LLVM narrows the u8 sums to 16-bit lanes: the store truncates them)
                         if a + u8 <= e:     # the first pass stores instead of adding
-                            r0 = U(trows[a]) * rs
-                            r1 = U(trows[a + u1]) * rs
-                            r2 = U(trows[a + u2]) * rs
-                            r3 = U(trows[a + u3]) * rs
-                            r4 = U(trows[a + u4]) * rs
-                            r5 = U(trows[a + u5]) * rs
-                            r6 = U(trows[a + u6]) * rs
-                            r7 = U(trows[a + u7]) * rs
+                            r0, r1, r2, r3, r4, r5, r6, r7 = _offsets8(trows, a, rs)
                             for j in range(tl):
                                 acc16[j] = np.int16(((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
                                                     + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j])))
@@ -248,14 +254,7 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
                             for j in range(tl):
                                 acc16[j] = 0
                         while a + u8 <= e:
-                            r0 = U(trows[a]) * rs
-                            r1 = U(trows[a + u1]) * rs
-                            r2 = U(trows[a + u2]) * rs
-                            r3 = U(trows[a + u3]) * rs
-                            r4 = U(trows[a + u4]) * rs
-                            r5 = U(trows[a + u5]) * rs
-                            r6 = U(trows[a + u6]) * rs
-                            r7 = U(trows[a + u7]) * rs
+                            r0, r1, r2, r3, r4, r5, r6, r7 = _offsets8(trows, a, rs)
                             for j in range(tl):
                                 acc16[j] = np.int16(acc16[j] + (((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
                                                                 + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j]))))
@@ -304,17 +303,9 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
             # each row holds pixel group g), a loop LLVM vectorises across g; then each word
             # (8 channels of a pixel) is stored to its output row.
             for g in range(ngrp):
-                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                _store8(yt64, g, tw, _tr8(
                     yt64[g], yt64[g + tw], yt64[g + u2 * tw], yt64[g + u3 * tw],
-                    yt64[g + u4 * tw], yt64[g + u5 * tw], yt64[g + u6 * tw], yt64[g + u7 * tw])
-                yt64[g] = b0
-                yt64[g + tw] = b1
-                yt64[g + u2 * tw] = b2
-                yt64[g + u3 * tw] = b3
-                yt64[g + u4 * tw] = b4
-                yt64[g + u5 * tw] = b5
-                yt64[g + u6 * tw] = b6
-                yt64[g + u7 * tw] = b7
+                    yt64[g + u4 * tw], yt64[g + u5 * tw], yt64[g + u6 * tw], yt64[g + u7 * tw]))
             for g in range(ngrp):
                 r = p0 + u8 * g
                 out64[r, og] = yt64[g]
@@ -591,9 +582,8 @@ def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
 def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
     """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.pointwise_kernel)."""
     if impl in ("vnni", "avx2", "amx"):
-        from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
-        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi,
-                            isa={"vnni": "avx512vnni", "avx2": "avx2", "amx": "amx"}[impl])
+        from .vnni import kernel_isa, make_pw_vnni   # noqa: PLC0415 (LLVM-IR kernels: when asked for)
+        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=kernel_isa(impl, np.asarray(w)))
     if impl == "addonly":
         return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi)
     if impl == "plain":
