@@ -34,7 +34,7 @@ keeps the per-call overhead (tap table, loop setup) small for Cp = 16..128.
 
 On AVX512-VNNI CPUs the same driver runs `dw_vnni`'s micro-kernel instead (impl "vnni": 64
 channels per step with `vpdpbusd`, its own prepared layout; see that module), chosen by
-`cpu.depthwise_impl`. Its portable-IR twin "emu512" tests the layout and tiling on any CPU.
+`cpu.depthwise_kernel`. Its portable-IR twin "emu512" tests the layout and tiling on any CPU.
 """
 from __future__ import annotations
 
@@ -591,8 +591,8 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     copy when the caller passes no scratch (first call per larger batch, then kept).
     pad_input: copy the input into a zero-point-bordered buffer first, so every pixel takes the
     interior path (None: when pads_input says it is cheaper; True/False force it, for tests).
-    impl: a key of DRIVERS, None for the fastest on this CPU (cpu.depthwise_impl)."""
-    impl = cpu.depthwise_impl() if impl is None else impl
+    impl: a key of DRIVERS, None for the fastest on this CPU (cpu.depthwise_kernel)."""
+    impl = cpu.depthwise_kernel() if impl is None else impl
     if impl not in DRIVERS:
         raise ValueError(f"unknown depthwise impl {impl!r}; expected one of {IMPLS}")
     if impl == "vnni" and not cpu.can_run("avx512vnni"):

@@ -580,7 +580,7 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
     check_finite(mult)
     check_clamp(lo, hi)
     if isa in cpu.ISA_FEATURES and not cpu.can_run(isa):
-        raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.best_pointwise_impl")
+        raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.pointwise_kernel")
     if isa == "amx" and not cpu.amx_permission():
         raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl); use vnni")
     cout, cin = w.shape
