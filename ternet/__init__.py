@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["load", "convert", "Model", "ModelFormatError", "__version__"]
 
 
-def load(name_or_path, threads=None, kernels="auto"):
+def load(name_or_path, threads=None, kernels=None):
     """Load a bundled model by name or a model file by path; see `ternet.model.Model`."""
     from .model import load as _load
     return _load(name_or_path, threads=threads, kernels=kernels)

@@ -27,12 +27,12 @@ def layer_kernel(layer, batch: int) -> str:
     pointwise ISA an AMX plan picks for this many pixels; '+pad': depthwise with the bordered
     input copy; 'im2col+...': the stem)."""
     from .kernels import cpu
-    from .kernels.vnni import IMPL_OF, PwVnniPlan
+    from .kernels.vnni import ISAS, PwVnniPlan
     plan = getattr(layer.plan, "pw", layer.plan)        # PwAddPlan, ConvPlan wrap a pointwise plan
     prefix = "im2col+" if plan is not layer.plan and hasattr(layer.plan, "cols") else ""
     if isinstance(plan, PwVnniPlan):
         rows = batch * (layer.plan.Ho * layer.plan.Wo if prefix else layer.shape.h * layer.shape.w)
-        return prefix + IMPL_OF[plan._work(rows)[0]]
+        return prefix + ISAS[plan._work(rows)[0]].impl
     impl = getattr(plan, "impl", None)
     if impl == "pairs":                  # the 256-bit depthwise layout: AVX2, or its portable IR
         impl = "avx2" if cpu.has_avx2() else "portable"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import config
+
 
 def user_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/ternet`, else `~/.cache/ternet` (a relative XDG path is ignored, as
@@ -34,5 +36,5 @@ def numba_cache_dir() -> Path:
 
 def replays_dir() -> Path:
     """Where replays are stored."""
-    env = os.environ.get("TERNET_CACHE_DIR")
+    env = config.get("TERNET_CACHE_DIR")
     return Path(env) / "frozen" if env else user_cache_dir() / "frozen"

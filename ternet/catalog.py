@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import config
+
 FALLBACK_DEFAULT = "efficientnet_lite0_prom"
 USABLE_GAP = 3.0      # points of top-1 below its own FP32 reference a ternary default may lose
 
@@ -146,7 +148,7 @@ DEFAULT_RULE = (f"the most accurate bundled all-ternary ImageNet model within {U
 
 def default_model() -> str:
     """`TERNET_MODEL` if set, else `bundled_default()`."""
-    return os.environ.get("TERNET_MODEL") or bundled_default()
+    return config.get("TERNET_MODEL") or bundled_default()
 
 
 def bundled_default() -> str:

@@ -13,10 +13,11 @@ import json
 import os
 import sys
 
+from . import config
+from .errors import SettingError
+from .kernels.cpu import REQUESTS
 from .text import printable
 
-# Mirrors ternet.model.KERNEL_CHOICES (not imported: --help must stay cheap).
-KERNELS = ("auto", "amx", "vnni", "avx2", "addonly", "plain", "reference")
 PROGRESS_MIN = 8            # show a progress counter from this many images (TTY only)
 COMPILE_ESTIMATE_S = 60     # cold compile measured 30-90 s on the 2-core dev box (load-dependent)
 
@@ -30,7 +31,7 @@ class CliError(Exception):
 
 
 def _debug() -> bool:
-    return os.environ.get("TERNET_DEBUG", "") not in ("", "0")
+    return config.get("TERNET_DEBUG")          # checked at the start of main
 
 
 def _err(msg: str) -> None:
@@ -104,11 +105,10 @@ def _image_files(paths: list[str]) -> tuple[list[str], list[str]]:
     return out, empty
 
 
-def _load_model(name: str | None, threads=None, kernels="auto"):
+def _load_model(name: str | None, threads=None, kernels=None):
     """Load a model or raise CliError with one line naming the file and the reason."""
     import ternet
     from .catalog import default_model
-    from .errors import SettingError
     from .format import ModelFormatError
 
     name = name or default_model()
@@ -124,14 +124,14 @@ def _load_model(name: str | None, threads=None, kernels="auto"):
         raise CliError(f"{name}: {e}") from None
 
 
-def _compile_notice(model, kernels: str, quiet: bool, batch: int = 1):
+def _compile_notice(model, quiet: bool, batch: int = 1):
     """Print the first-run notice if the kernel cache looks cold; return the marker key (None
     when a replay serves this batch size: then numba is not even imported)."""
     from . import jitcache
     if model.replay_ready(batch):
         return None
     sig = jitcache.model_signature(model.file)
-    if not quiet and not jitcache.is_warm(kernels, sig):
+    if not quiet and not jitcache.is_warm(model.kernels, sig):
         _err(f"compiling kernels for this CPU (first run only, ~{COMPILE_ESTIMATE_S} s)...")
     return sig
 
@@ -195,11 +195,11 @@ def cmd_classify(args) -> int:
         logits = {}
         if xs:                       # failed images are left out of the batch, not the batch
             if first:
-                sig = _compile_notice(model, args.kernels, args.quiet, len(xs))
+                sig = _compile_notice(model, args.quiet, len(xs))
             out = model.predict(np.stack(list(xs.values())))
             logits = dict(zip(xs.keys(), out))
             if first and sig:
-                jitcache.mark_warm(args.kernels, sig)
+                jitcache.mark_warm(model.kernels, sig)
                 first = False
         for i, path in enumerate(chunk):      # output in input order, failures included
             if i in errors:
@@ -215,11 +215,11 @@ def cmd_classify(args) -> int:
 def cmd_warmup(args) -> int:
     from . import jitcache
     model = _load_model(args.model, args.threads, args.kernels)
-    sig = _compile_notice(model, args.kernels, args.quiet)
+    sig = _compile_notice(model, args.quiet)
     seconds = model.warmup()
     if sig:
-        jitcache.mark_warm(args.kernels, sig)
-    print(f"kernels ready for {printable(model.path)} (kernels={args.kernels}) in {seconds:.1f} s")
+        jitcache.mark_warm(model.kernels, sig)
+    print(f"kernels ready for {printable(model.path)} (kernels={model.kernels}) in {seconds:.1f} s")
     return 0
 
 
@@ -229,10 +229,10 @@ def cmd_bench(args) -> int:
     from . import jitcache
     from .bench import bench_model, format_report
     model = _load_model(args.model, args.threads, args.kernels)
-    sig = _compile_notice(model, args.kernels, args.quiet)
+    sig = _compile_notice(model, args.quiet)
     r = bench_model(model, batch=args.batch_size, rounds=args.rounds)
     if sig:
-        jitcache.mark_warm(args.kernels, sig)
+        jitcache.mark_warm(model.kernels, sig)
     if args.no_layers:
         r["layers"] = []
     if args.json:
@@ -426,7 +426,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_help() -> str:
     from .catalog import DEFAULT_RULE, bundled_default
-    env = os.environ.get("TERNET_MODEL")
+    env = config.get("TERNET_MODEL")
     default = (f"$TERNET_MODEL, set to {env}" if env else
                f"$TERNET_MODEL if set, else {bundled_default()}: {DEFAULT_RULE}")
     text = f"bundled model name or .safetensors path (default: {default})"
@@ -446,9 +446,9 @@ def _model_arg(p, positional=False):
 def _run_args(p):
     p.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="threads for the kernels (default: $TERNET_NUM_THREADS or 1)")
-    p.add_argument("--kernels", choices=KERNELS, default="auto",
-                   help="pointwise kernel family (default: auto, by CPU); 'reference' runs "
-                        "the slow numpy reference")
+    p.add_argument("--kernels", choices=REQUESTS, default=None,
+                   help="kernel family (default: $TERNET_KERNELS, else auto: by CPU); "
+                        "'reference' runs the slow numpy reference")
     p.add_argument("--quiet", "-q", action="store_true", help="no notices or progress on stderr")
 
 
@@ -456,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(                      # its subcommands' parsers are _Parsers too
         prog="ternet", description="CPU inference for PROM-quantized CNNs (ternary pointwise "
         "convolutions, int8 elsewhere).",
-        epilog="Environment: TERNET_MODEL, TERNET_NUM_THREADS, NUMBA_CACHE_DIR (compiled kernel "
-               "cache), TERNET_CACHE_DIR and TERNET_REPLAY_CACHE_MB (replays), TERNET_DEBUG=1 "
-               "(tracebacks).")
+        epilog="Environment: TERNET_MODEL, TERNET_NUM_THREADS, TERNET_KERNELS, NUMBA_CACHE_DIR "
+               "(compiled kernel cache), TERNET_CACHE_DIR and TERNET_REPLAY_CACHE_MB "
+               "(replays), TERNET_DEBUG=1 (tracebacks); all of them: docs/config.md.")
     parser.add_argument("--version", action="version", version=f"ternet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -540,7 +540,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
+        config.get("TERNET_DEBUG")            # the error paths below read it
         return args.func(args)
+    except SettingError as e:                 # a bad TERNET_* value: a usage error
+        _err(f"error: {e}")
+        return 2
     except CliError as e:
         if _debug():
             import traceback

@@ -8,16 +8,14 @@
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from . import numba_internals, replay
+from . import config, numba_internals, replay
 from .lowering import Program, arena_views
 
 
 def debug_note(msg: str) -> None:
-    if os.environ.get("TERNET_DEBUG"):
+    if config.get("TERNET_DEBUG"):
         import sys
         print(f"ternet: {msg}", file=sys.stderr)
 

@@ -1,10 +1,11 @@
 """Lowering: a validated graph -> a `Program`, the list of fast steps over an arena of buffers.
 
 Each node becomes its op's step (`ternet.ops`, `Op.build`), with the kernel this CPU and the
-`kernels` request choose; a residual add right after a pointwise conv whose kernel can take it is
-fused into that conv's epilogue. Values live in arena slots (0: the graph input, 1..len(graph):
-the node values, then the depthwise steps' shared scratch); `arena_views` lays the slots over
-buffers shared by liveness, so a network needs only a few of them.
+`kernels` request choose (`cpu.pointwise_kernel`, `cpu.classifier_kernel`); a residual add right
+after a pointwise conv whose kernel can take it is fused into that conv's epilogue. Values live
+in arena slots (0: the graph input, 1..len(graph): the node values, then the depthwise steps'
+shared scratch); `arena_views` lays the slots over buffers shared by liveness, so a network
+needs only a few of them.
 """
 from __future__ import annotations
 
@@ -12,60 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import cpu
 from .kernels.layout import pad_to, rows_for
 from .ops import REGISTRY, Shape
-
-KERNEL_CHOICES = ("auto", "amx", "vnni", "avx2", "addonly", "plain", "reference")
-
-
-# ---------------------------------------------------------------------------- kernel choice
-
-def pointwise_impl(requested: str, weight: str) -> str:
-    """Which pointwise kernel runs a layer with `weight` in {ternary, int8, hybrid}."""
-    from .kernels import cpu
-    ternary = weight in ("ternary", "hybrid")
-    if requested == "auto":
-        return cpu.auto_impl(ternary)
-    if requested == "amx":
-        if not cpu.has_amx():
-            raise RuntimeError("kernels='amx' needs a CPU with AMX-INT8 (and Linux granting it)")
-        return "amx"
-    if requested == "vnni":
-        if not cpu.has_avx512vnni():
-            raise RuntimeError("kernels='vnni' needs a CPU with AVX-512 VNNI; this one has none")
-        return "vnni"
-    if requested == "avx2":
-        if not cpu.has_avx2():
-            raise RuntimeError("kernels='avx2' needs a CPU with AVX2")
-        return "avx2"
-    if requested == "addonly":
-        return "addonly" if ternary else "plain"
-    return "plain"
-
-
-def int8_impl(requested: str) -> str:
-    """Kernel for the int8 GEMM behind the stem conv."""
-    from .kernels import cpu
-    if requested == "auto":
-        return cpu.auto_impl(ternary=False)
-    if requested == "amx" and cpu.has_amx():
-        return "amx"
-    if requested == "vnni" and cpu.has_avx512vnni():
-        return "vnni"
-    if requested == "avx2" and cpu.has_avx2():
-        return "avx2"
-    return "plain"
-
-
-def classifier_impl(requested: str) -> str:
-    """Kernel for the classifier's sums: the kernel table's for auto/amx/vnni, the AVX2 GEMM for
-    avx2, the plain loop for addonly/plain."""
-    from .kernels import cpu
-    if requested == "avx2":
-        return "avx2" if cpu.has_avx2() else "plain"
-    if requested in ("auto", "amx", "vnni"):
-        return cpu.KERNEL_TABLE[cpu.cpu_class()]["classifier"]
-    return "plain"
 
 
 # ---------------------------------------------------------------------------- lowering
@@ -89,14 +39,16 @@ class BuildContext:
     def out_shape(self, node) -> Shape:
         return self.shapes[self.slots[node.name]]
 
-    def int8_impl(self) -> str:
-        return int8_impl(self.kernels)
+    def conv_kernel(self) -> str:
+        """The int8 GEMM family behind a k x k conv's im2col (the stem)."""
+        return cpu.pointwise_kernel(False, self.kernels)
 
-    def pointwise_impl(self, weight: str) -> str:
-        return pointwise_impl(self.kernels, weight)
+    def pointwise_kernel(self, weight: str) -> str:
+        """The family for a pointwise layer with `weight` in {ternary, int8, hybrid}."""
+        return cpu.pointwise_kernel(weight in ("ternary", "hybrid"), self.kernels)
 
-    def classifier_impl(self) -> str:
-        return classifier_impl(self.kernels)
+    def classifier_kernel(self) -> str:
+        return cpu.classifier_kernel(self.kernels)
 
 
 @dataclass(frozen=True)

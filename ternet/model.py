@@ -19,12 +19,12 @@ import weakref
 
 import numpy as np
 
-from . import replay
+from . import config, replay
 from .errors import SettingError
 from .executors import NumbaExecutor, ReplayExecutor, reference_forward
 from .format import ModelFile, read_model
-from .lowering import (KERNEL_CHOICES, classifier_impl, int8_impl, lower,  # noqa: F401 (API)
-                       pointwise_impl)
+from .kernels.cpu import REQUESTS
+from .lowering import lower
 
 MAX_CHUNK = 32        # images per internal batch: bounds arena memory for huge batches
 
@@ -32,12 +32,17 @@ MAX_CHUNK = 32        # images per internal batch: bounds arena memory for huge 
 def default_threads() -> int:
     """TERNET_NUM_THREADS, else 1: on a busy machine 2-thread regions stall (kernels.md 3.2).
     SettingError if it is set to anything but a positive integer."""
-    env = os.environ.get("TERNET_NUM_THREADS", "").strip()
-    if not env:
-        return 1
-    if not (env.isascii() and env.isdigit() and int(env) > 0):
-        raise SettingError(f"TERNET_NUM_THREADS={env!r}: expected a positive integer")
-    return int(env)
+    return config.get("TERNET_NUM_THREADS")
+
+
+def checked_kernels(kernels) -> str:
+    """`kernels` as given to `load`: None (TERNET_KERNELS, else auto) or one of REQUESTS."""
+    if kernels is None:
+        return config.get("TERNET_KERNELS")
+    if kernels not in REQUESTS:
+        raise SettingError(f"kernels={kernels!r}: expected one of {', '.join(REQUESTS)}, or None "
+                           "for $TERNET_KERNELS, else auto")
+    return kernels
 
 
 def checked_threads(threads):
@@ -71,12 +76,12 @@ os.register_at_fork(after_in_child=_reset_models_in_child)
 class Model:
     """A loaded model. `predict(x_u8[N,H,W,3]) -> float32 logits [N, num_classes]`."""
 
-    def __init__(self, mf: ModelFile, threads: int | None = None, kernels: str = "auto"):
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels={kernels!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    def __init__(self, mf: ModelFile, threads: int | None = None, kernels: str | None = None):
+        kernels = checked_kernels(kernels)
         self.file = mf
         self.kernels = kernels
         self.threads = checked_threads(threads)
+        config.get("TERNET_DEBUG")               # a bad value fails now, not in an error path
         if replay.enabled(kernels):
             replay.cache_limit()                 # a bad TERNET_REPLAY_CACHE_MB fails now
         self._lock = threading.Lock()
@@ -211,7 +216,8 @@ class Model:
         return res[0] if single else res
 
 
-def load(name_or_path, threads: int | None = None, kernels: str = "auto") -> Model:
-    """Load a bundled model by name or a model file by path (validated; see docs/format.md)."""
+def load(name_or_path, threads: int | None = None, kernels: str | None = None) -> Model:
+    """Load a bundled model by name or a model file by path (validated; see docs/format.md).
+    `kernels`: one of kernels.cpu.REQUESTS, else $TERNET_KERNELS, else auto."""
     from .models import resolve
     return Model(read_model(resolve(name_or_path)), threads=threads, kernels=kernels)

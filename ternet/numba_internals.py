@@ -55,7 +55,8 @@ def turn_replays_off(reason: str) -> None:
     if _OFF is not None:
         return
     _OFF = reason
-    if os.environ.get("TERNET_DEBUG"):
+    from . import config
+    if config.get("TERNET_DEBUG"):
         numba = sys.modules.get("numba")
         version = getattr(numba, "__version__", None)
         seen = f"; numba {version}, checked with {TESTED_NUMBA}" if version else ""

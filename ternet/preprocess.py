@@ -44,6 +44,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import config
 from .quant import quantize_activation
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageError", "MAX_PIXELS", "MAX_RESIZED_PIXELS", "load_image",
@@ -88,7 +89,7 @@ def load_image(src: Any) -> Image.Image:
             im = _to_rgb(ImageOps.exif_transpose(src), name)
         else:
             im = _open(name)
-    if os.environ.get("TERNET_DEBUG", "") not in ("", "0"):
+    if config.get("TERNET_DEBUG"):
         for w in caught:
             print(f"ternet: {name}: ignored {w.category.__name__}: {w.message}", file=sys.stderr)
     return im

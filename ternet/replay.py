@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import numba_internals
+from . import config, numba_internals
 from .cachedir import replays_dir
 
 FORMAT = 1
@@ -50,13 +50,12 @@ class ReplayError(RuntimeError):
 
 
 def enabled(kernels: str) -> bool:
-    """Replays on? `TERNET_REPLAY` (formerly `TERNET_FROZEN`) not 0, not the reference kernels,
-    no bounds checking, llvmlite there and numba's internals as expected (checked without
+    """Replays on? `TERNET_REPLAY` (formerly `TERNET_FROZEN`) on, not the reference kernels, no
+    bounds checking, llvmlite there and numba's internals as expected (checked without
     importing numba)."""
-    setting = os.environ.get("TERNET_REPLAY", os.environ.get("TERNET_FROZEN", "1"))
-    if setting == "0" or kernels == "reference":
+    if not config.get("TERNET_REPLAY") or kernels == "reference":
         return False
-    if os.environ.get("NUMBA_BOUNDSCHECK") or os.environ.get("TERNET_BOUNDSCHECK"):
+    if os.environ.get("NUMBA_BOUNDSCHECK") or config.get("TERNET_BOUNDSCHECK"):
         return False           # debugging runs want numba's checked kernels
     return importlib.util.find_spec("llvmlite") is not None and numba_internals.self_check()
 
@@ -134,23 +133,13 @@ def paths(key: str) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------- cache size
 
-CACHE_MB = 256          # default cap on the replays stored (TERNET_REPLAY_CACHE_MB)
 ORPHAN_AGE_S = 600      # a lone .bin or .tmp file this old is left over from a crashed writer
 
 
 def cache_limit() -> int:
     """Bytes the stored replays may take: `TERNET_REPLAY_CACHE_MB` (formerly
-    `TERNET_PLAN_CACHE_MB`; a whole number, 0 stores no replays), else CACHE_MB."""
-    from .errors import SettingError
-    name = "TERNET_REPLAY_CACHE_MB"
-    if name not in os.environ and "TERNET_PLAN_CACHE_MB" in os.environ:
-        name = "TERNET_PLAN_CACHE_MB"
-    env = os.environ.get(name, "").strip()
-    if not env:
-        return CACHE_MB << 20
-    if not (env.isascii() and env.isdigit()):
-        raise SettingError(f"{name}={env!r}: expected a whole number of megabytes")
-    return int(env) << 20
+    `TERNET_PLAN_CACHE_MB`; a whole number, 0 stores no replays; default 256)."""
+    return config.get("TERNET_REPLAY_CACHE_MB") << 20
 
 
 def evict(limit: int, keep: str) -> None:

@@ -58,10 +58,18 @@ def test_import_and_help_compile_nothing():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
-def test_kernel_choices_match_the_runner():
-    from ternet.cli import KERNELS
-    from ternet.model import KERNEL_CHOICES
-    assert KERNELS == KERNEL_CHOICES
+def test_kernel_choices_are_the_request_vocabulary():
+    """--kernels of every command that runs a model accepts exactly cpu.REQUESTS (what
+    ternet.load and TERNET_KERNELS accept), and defaults to None: TERNET_KERNELS, else auto."""
+    from ternet.cli import build_parser
+    from ternet.kernels import cpu
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = {name: p for name, p in sub.choices.items()
+                if any(a.dest == "kernels" for a in p._actions)}
+    assert set(commands) == {"classify", "warmup", "bench"}
+    for p in commands.values():
+        (kernels,) = [a for a in p._actions if a.dest == "kernels"]
+        assert tuple(kernels.choices) == cpu.REQUESTS and kernels.default is None
 
 
 def test_help_and_version():
@@ -324,7 +332,7 @@ def test_bench_reports_each_layers_kernel(tiny):
     table = format_report(r).split("\n")[2:]
     assert table[0].split() == ["layer", "op", "kernel", "us"] and len(table) == 1 + len(kernels)
     assert [row.split()[2] for row in table[1:]] == list(kernels.values())
-    family = cpu.auto_impl(ternary=True)
+    family = cpu.pointwise_kernel(ternary=True)
     ops = dict((n, op) for n, op, _ in r["layers"])
     for name, k in kernels.items():
         if ops[name] == "conv2d":

@@ -302,46 +302,6 @@ def test_missing_isa_raises_runtime_error(monkeypatch):
                                plan.nkb, vnni.split_work(1, 16, 16, vnni.ISAS["emu512"], 1))
 
 
-def test_requested_impl_and_best_choice(monkeypatch):
-    monkeypatch.delenv("TERNET_KERNELS", raising=False)
-    assert cpu.requested_impl() == "auto"
-    monkeypatch.setenv("TERNET_KERNELS", "bogus")
-    with pytest.raises(ValueError):
-        cpu.requested_impl()
-    monkeypatch.setenv("TERNET_KERNELS", "auto")
-    for amx_ok, vnni_ok, avx2_ok, ternary, want in [
-            (True, True, True, True, "amx"), (True, True, True, False, "amx"),
-            (False, True, True, True, "vnni"), (False, True, False, False, "vnni"),
-            (False, False, True, True, "avx2"), (False, False, True, False, "avx2"),
-            (False, False, False, True, "addonly"), (False, False, False, False, "plain")]:
-        monkeypatch.setattr(cpu, "has_amx", lambda: amx_ok)
-        monkeypatch.setattr(cpu, "has_avx512vnni", lambda: vnni_ok)
-        monkeypatch.setattr(cpu, "has_avx2", lambda: avx2_ok)
-        assert cpu.best_pointwise_impl(ternary) == want
-        assert cpu.depthwise_impl() == ("vnni" if vnni_ok else "pairs")
-        assert cpu.cpu_class() in cpu.KERNEL_TABLE
-    monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
-    monkeypatch.setattr(cpu, "has_avx2", lambda: True)
-    monkeypatch.setenv("TERNET_KERNELS", "plain")
-    assert cpu.best_pointwise_impl(True) == "plain"
-    monkeypatch.setenv("TERNET_KERNELS", "avx2")
-    assert cpu.best_pointwise_impl(False) == "avx2"          # int8 weights: the avx2i8 kernel
-    monkeypatch.setenv("TERNET_KERNELS", "addonly")
-    with pytest.raises(ValueError):
-        cpu.best_pointwise_impl(False)
-    monkeypatch.setattr(cpu, "has_avx2", lambda: False)
-    monkeypatch.setenv("TERNET_KERNELS", "avx2")
-    with pytest.raises(RuntimeError):
-        cpu.best_pointwise_impl(False)
-    monkeypatch.setenv("TERNET_KERNELS", "vnni")
-    with pytest.raises(RuntimeError):
-        cpu.best_pointwise_impl(True)
-    monkeypatch.setattr(cpu, "has_amx", lambda: False)
-    monkeypatch.setenv("TERNET_KERNELS", "amx")
-    with pytest.raises(RuntimeError, match="AMX"):
-        cpu.best_pointwise_impl(True)
-
-
 def test_amx_runs_where_it_pays(monkeypatch):
     """An AMX plan takes cpu.pointwise_isa's choice per call: VNNI for few input channels or
     pixels, AMX above; both exact."""
@@ -362,28 +322,6 @@ def test_amx_runs_where_it_pays(monkeypatch):
             xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
             plan(xb, P, out)
             np.testing.assert_array_equal(out[:P, :40], pointwise_ref(x, 5, w, bias, mult, 9, 0, 255))
-
-
-def test_model_kernel_choice(monkeypatch):
-    """ternet.model: on an AVX2 CPU without VNNI, auto and avx2 run every pointwise weight kind and
-    the stem GEMM on avx2 kernels; addonly stays multiplication-free where it can, plain portable."""
-    from ternet.model import int8_impl, pointwise_impl
-    monkeypatch.setattr(cpu, "has_amx", lambda: False)
-    monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
-    monkeypatch.setattr(cpu, "has_avx2", lambda: True)
-    for req in ("auto", "avx2"):
-        assert [pointwise_impl(req, k) for k in ("ternary", "int8", "hybrid")] == ["avx2"] * 3
-        assert int8_impl(req) == "avx2"
-    assert [pointwise_impl("addonly", k) for k in ("ternary", "int8", "hybrid")] == \
-        ["addonly", "plain", "addonly"]
-    assert int8_impl("addonly") == int8_impl("plain") == "plain"
-    assert pointwise_impl("plain", "ternary") == "plain"
-    monkeypatch.setattr(cpu, "has_avx2", lambda: False)
-    assert [pointwise_impl("auto", k) for k in ("ternary", "int8", "hybrid")] == \
-        ["addonly", "plain", "addonly"]
-    assert int8_impl("auto") == "plain"
-    with pytest.raises(RuntimeError):
-        pointwise_impl("avx2", "int8")
 
 
 def test_host_features_are_consistent():

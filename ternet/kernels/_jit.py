@@ -13,12 +13,12 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .. import numba_internals
+from .. import config, numba_internals
 from ..cachedir import numba_cache_dir
 
 # Bounds checking for debugging and CI (`NUMBA_BOUNDSCHECK=1` also works, globally).
-_BOUNDSCHECK = os.environ.get("TERNET_BOUNDSCHECK", "") == "1" or None
-_CACHE = os.environ.get("TERNET_NUMBA_CACHE", "1") != "0"
+_BOUNDSCHECK = config.get("TERNET_BOUNDSCHECK") or None
+_CACHE = config.get("TERNET_NUMBA_CACHE")
 
 
 U = np.uint64  # unsigned index type: signed computed indices defeat vectorisation (kernels.md 7)

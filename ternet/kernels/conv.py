@@ -19,9 +19,8 @@ from numba import prange
 from .. import quant
 from ._jit import U, kernel, num_threads
 from .layout import CH_ALIGN, ROW_SLACK, pad_to
-
-I32_MAX = 2**31 - 1
-PAR_MIN_BYTES = 1 << 17    # im2col output above which it is split over threads (the stem: 392 KiB)
+from .limits import IM2COL_PAR_MIN_BYTES as PAR_MIN_BYTES
+from .limits import I32_MAX
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +216,8 @@ def _pointwise_plan(w2, bias, zx, mult, zp_out, lo, hi, impl):
                             pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN))
     from .pointwise import make_pointwise     # noqa: PLC0415 (pointwise imports numba kernels lazily)
     if impl is None:
-        from .cpu import best_pointwise_impl   # noqa: PLC0415
-        impl = best_pointwise_impl(ternary=False)
+        from .cpu import pointwise_kernel   # noqa: PLC0415
+        impl = pointwise_kernel(ternary=False)
     return make_pointwise(w2, bias, zx, mult, zp_out, lo, hi, impl)
 
 

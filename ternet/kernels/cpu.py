@@ -2,18 +2,21 @@
 
 A feature counts only if the host CPU has it *and* numba compiles for it: `NUMBA_CPU_NAME` /
 `NUMBA_CPU_FEATURES` can make numba target less (or more) than the host offers; AMX also needs
-Linux to grant the process its tile state. `TERNET_KERNELS=auto|amx|vnni|avx2|addonly|plain`
-overrides the automatic choice of the pointwise family.
+Linux to grant the process its tile state. A kernel request (`REQUESTS`: `--kernels`,
+`TERNET_KERNELS`, `ternet.load(kernels=...)`) overrides the automatic choice.
+Importing this module imports nothing heavy (ternet.config and the CLI import it).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
 import platform
 import sys
 
-IMPLS = ("amx", "vnni", "avx2", "addonly", "plain")
+IMPLS = ("amx", "vnni", "avx2", "addonly", "plain")      # pointwise kernel families
+# The one request vocabulary: what --kernels, TERNET_KERNELS and ternet.load(kernels=...) accept.
+# auto: this CPU's row of KERNEL_TABLE; a family: that family's row (the CPU must qualify for it);
+# reference: the numpy reference runner, which selects no kernel at all.
+REQUESTS = ("auto",) + IMPLS + ("reference",)
 
 # Features each ISA-specific micro-kernel needs (names as LLVM spells them).
 ISA_FEATURES = {
@@ -24,11 +27,12 @@ ISA_FEATURES = {
 }
 
 # The kernel each op runs on each CPU class (cpu_class(): the first class the CPU qualifies for).
-# The one place the choice is made; TERNET_KERNELS / Model(kernels=...) override the pointwise
-# family. "addonly|plain": the multiplication-free kernel for ternary (and hybrid) weights, the
-# portable dense one for int8. The stem is im2col + the pointwise family's int8 GEMM (AMX plans
-# run it on VNNI: 27 input channels); the classifier's sums come from the VNNI / AVX2 GEMM where
-# there is one (AMX does not pay at batch sizes below 16). Measured 2026-12 on a 2-core Intel Xeon
+# The one place the choice is made; a request other than auto picks its family's row
+# (REQUEST_ROW; `plain` also for ternary weights). "addonly|plain": the multiplication-free
+# kernel for ternary (and hybrid) weights, the portable dense one for int8. The stem is im2col +
+# the pointwise family's int8 GEMM (AMX plans run it on VNNI: 27 input channels); the
+# classifier's sums come from the VNNI / AVX2 GEMM where there is one (AMX does not pay at batch
+# sizes below 16). Measured 2026-12 on a 2-core Intel Xeon
 # (AMX) with benchmarks/bench_depthwise.py and bench_pointwise.py, 1 thread (docs/kernels.md).
 KERNEL_TABLE = {
     "amx":        {"pointwise": "amx",  "depthwise": "vnni", "classifier": "vnni"},
@@ -36,6 +40,9 @@ KERNEL_TABLE = {
     "avx2":       {"pointwise": "avx2", "depthwise": "pairs", "classifier": "avx2"},
     "generic":    {"pointwise": "addonly|plain", "depthwise": "pairs", "classifier": "plain"},
 }
+# The row each explicit request stands for, and what the CPU must offer for it (docs/kernels.md).
+REQUEST_ROW = {"amx": "amx", "vnni": "avx512vnni", "avx2": "avx2", "addonly": "generic",
+               "plain": "generic"}
 # An AMX pointwise plan runs a call on AMX tiles when the layer has at least AMX_MIN_CIN input
 # channels (tdpbusd multiplies 64 at a time) and the call at least AMX_MIN_PIXELS pixels (one
 # 16-row tile), else on VNNI. Measured on Lite0's layers, batch 1 / 8, min us VNNI vs AMX:
@@ -123,6 +130,7 @@ def amx_permission() -> bool:
     call itself fails: callers then use the VNNI kernels. Needs no numba (replays call it)."""
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return False
+    import ctypes
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
@@ -152,48 +160,49 @@ def has_avx2() -> bool:
     return can_run("avx2")
 
 
-def auto_impl(ternary: bool) -> str:
-    """The fastest exact pointwise kernel family for this CPU and weight kind (KERNEL_TABLE;
-    avx2 takes both kinds: vpmaddubsw for ternary, the exact vpmaddwd kernel for int8)."""
-    impl = KERNEL_TABLE[cpu_class()]["pointwise"]
-    if impl == "addonly|plain":
-        return "addonly" if ternary else "plain"
-    return impl
-
-
-def depthwise_impl() -> str:
-    """The fastest exact depthwise kernel layout for this CPU (KERNEL_TABLE; depthwise.DRIVERS)."""
-    return KERNEL_TABLE[cpu_class()]["depthwise"]
-
-
 def pointwise_isa(cin: int, cout: int, P: int) -> str:
     """AMX or VNNI for a pointwise layer of P pixels on an AMX CPU (see KERNEL_TABLE)."""
     return "amx" if P >= AMX_MIN_PIXELS and cin >= AMX_MIN_CIN else "avx512vnni"
 
 
-def requested_impl() -> str:
-    """The TERNET_KERNELS override: 'auto' (default) or one of IMPLS."""
-    v = os.environ.get("TERNET_KERNELS", "auto").strip().lower() or "auto"
-    if v != "auto" and v not in IMPLS:
-        raise ValueError(f"TERNET_KERNELS={v!r}; expected auto or one of {IMPLS}")
-    return v
+def _row(request: str) -> dict:
+    """KERNEL_TABLE's row for a request; an explicit family the CPU cannot run is an error
+    (RuntimeError), never a silent fallback."""
+    if request == "auto":
+        return KERNEL_TABLE[cpu_class()]
+    if request not in REQUEST_ROW:
+        raise ValueError(f"kernels={request!r} selects no kernel; expected one of "
+                         f"{', '.join(REQUESTS[:-1])}")
+    need = {"amx": (has_amx, "AMX-INT8 (the CPU, numba's target and Linux must all allow it)"),
+            "vnni": (has_avx512vnni, "AVX-512 VNNI"), "avx2": (has_avx2, "AVX2")}.get(request)
+    if need and not need[0]():
+        raise RuntimeError(f"kernels={request!r} needs {need[1]}; this CPU (or numba's target) "
+                           "has none")
+    return KERNEL_TABLE[REQUEST_ROW[request]]
 
 
-def best_pointwise_impl(ternary: bool) -> str:
-    """Fastest exact pointwise kernel for this CPU and weight kind, or the TERNET_KERNELS override.
+def pointwise_kernel(ternary: bool, request: str = "auto") -> str:
+    """The pointwise family (IMPLS) for a layer with ternary (or hybrid) weights or not.
 
-    `avx2` covers both weight kinds (vpmaddubsw for ternary, the exact vpmaddwd kernel for int8).
-    An override that cannot work raises instead of silently falling back: `addonly` needs ternary
-    weights (ValueError), `vnni`/`avx2` need the CPU feature (RuntimeError)."""
-    req = requested_impl()
-    if req == "auto":
-        return auto_impl(ternary)
-    if req == "addonly" and not ternary:
-        raise ValueError(f"TERNET_KERNELS={req} needs ternary weights")
-    if req == "amx" and not has_amx():
-        raise RuntimeError("TERNET_KERNELS=amx but this CPU (or numba's target, or Linux) gives no AMX-INT8")
-    if req == "vnni" and not has_avx512vnni():
-        raise RuntimeError("TERNET_KERNELS=vnni but this CPU (or numba's target) lacks AVX512-VNNI")
-    if req == "avx2" and not has_avx2():
-        raise RuntimeError("TERNET_KERNELS=avx2 but this CPU (or numba's target) lacks AVX2")
-    return req
+    avx2, vnni and amx take both weight kinds; `addonly`, the multiplication-free kernel, runs
+    ternary and hybrid layers, and int8 layers (and the stem's GEMM) run `plain` under it, as
+    on a generic CPU. Also the stem's int8 GEMM: pointwise_kernel(False, request)."""
+    if request == "plain":
+        return "plain"
+    family = _row(request)["pointwise"]
+    if family == "addonly|plain":
+        return "addonly" if ternary else "plain"
+    return family
+
+
+def classifier_kernel(request: str = "auto") -> str:
+    """The GEMM behind the classifier's sums: the request's row (vnni, avx2 or plain)."""
+    return _row(request)["classifier"]
+
+
+def depthwise_kernel() -> str:
+    """The depthwise layout (depthwise.DRIVERS) for this CPU; no request changes it."""
+    return KERNEL_TABLE[cpu_class()]["depthwise"]
+
+
+depthwise_impl = depthwise_kernel      # the old name, still called by kernels/depthwise.py

@@ -34,11 +34,12 @@ keeps the per-call overhead (tap table, loop setup) small for Cp = 16..128.
 
 On AVX512-VNNI CPUs the same driver runs `dw_vnni`'s micro-kernel instead (impl "vnni": 64
 channels per step with `vpdpbusd`, its own prepared layout; see that module), chosen by
-`cpu.depthwise_impl`. Its portable-IR twin "emu512" tests the layout and tiling on any CPU.
+`cpu.depthwise_kernel`. Its portable-IR twin "emu512" tests the layout and tiling on any CPU.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -49,15 +50,18 @@ from numba.extending import intrinsic
 
 from .. import quant
 from . import cpu, dw_vnni
+from . import irgen as ig
 from ._jit import U, kernel, num_threads
 from .conv import tap_windows
-from .layout import CH_ALIGN, pad_to
+from .irgen import const, f32, i8, i16, i32, i64, shuffle, splat
+from .layout import CH_ALIGN, aligned, pad_to
+from .limits import DEPTHWISE_PAR_MIN_MACS as PAR_MIN_MACS
+from .limits import I32_MAX, check_clamp, check_finite, check_headroom, check_int8
+from .variants import variant as _variant
 
 MAX_TAPS = 50                    # k*k rounded up to a pair, k <= 7
-PAR_MIN_MACS = 1 << 19           # below this (~35 us serial) a parallel region costs more than it saves
 FLAT_LEN = 256                   # stride 1: interior pixels in runs of max(1, FLAT_LEN // Cp)
 STEP_PIXELS = {16: 4, 32: 2}     # dw_vnni, stride 1: pixels per run that fill one 64-byte step
-I32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,23 +97,8 @@ _ILV = ((0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
         (4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31))
 _NV = 2                                                          # 16-channel vectors per step
 
-_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_v8i32, _v16i16, _v16i32 = ir.VectorType(_i32, 8), ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
-_v16f32, _v16i8, _v32i16 = ir.VectorType(_f32, 16), ir.VectorType(_i8, 16), ir.VectorType(_i16, 32)
-
-
-def _c(v, ty=_i64):
-    return ir.Constant(ty, v)
-
-
-def _shuffle(b, v, lanes, v2=None):
-    v2 = ir.Constant(v.type, ir.Undefined) if v2 is None else v2
-    return b.shuffle_vector(v, v2, ir.Constant(ir.VectorType(_i32, len(lanes)), list(lanes)))
-
-
-def _splat(b, s, n):
-    v = b.insert_element(ir.Constant(ir.VectorType(s.type, n), ir.Undefined), s, _c(0, _i32))
-    return _shuffle(b, v, [0] * n)
+_v8i32, _v16i16, _v16i32 = ir.VectorType(i32, 8), ir.VectorType(i16, 16), ir.VectorType(i32, 16)
+_v16f32, _v16i8, _v32i16 = ir.VectorType(f32, 16), ir.VectorType(i8, 16), ir.VectorType(i16, 32)
 
 
 def _madd(b, z, w, avx2):
@@ -119,82 +108,83 @@ def _madd(b, z, w, avx2):
         fn = b.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=fnty)
         return b.call(fn, [z, w])
     ev, od = range(0, 16, 2), range(1, 16, 2)
-    return b.add(b.mul(b.sext(_shuffle(b, z, ev), _v8i32), b.sext(_shuffle(b, w, ev), _v8i32)),
-                 b.mul(b.sext(_shuffle(b, z, od), _v8i32), b.sext(_shuffle(b, w, od), _v8i32)))
+    return b.add(b.mul(b.sext(shuffle(b, z, ev), _v8i32), b.sext(shuffle(b, w, ev), _v8i32)),
+                 b.mul(b.sext(shuffle(b, z, od), _v8i32), b.sext(shuffle(b, w, od), _v8i32)))
 
 
-def _emit_tile(ctx, b, sig, args, avx2):
+def _emit_tile(ctx, b, layer, run, avx2):
     """See `_tile`. All offsets are element indices (i64)."""
-    xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep, ostep, _ = args
+    rs, cs, k, ws, zph, lo, hi = run.rs, run.cs, layer.k, layer.ws, layer.zph, layer.lo, layer.hi
+    xo, oo, n, npix, xstep, ostep = run.xo, run.oo, run.n, run.npix, run.xstep, run.ostep
 
-    def data(i, v):
-        a = ctx.make_array(sig.args[i])(ctx, b, v)
-        return b.bitcast(a.data, _i8.as_pointer())
+    def data(rec, name):
+        return ig.array(ctx, b, getattr(rec.types, name), getattr(rec, name))[0]
 
     def vload(base, off, vty, scale, align):
-        return b.load(b.bitcast(b.gep(base, [b.mul(off, _c(scale))]), vty.as_pointer()), align=align)
+        return b.load(b.bitcast(b.gep(base, [b.mul(off, const(scale))]), vty.as_pointer()), align=align)
 
-    xp, wp, bp, mp, op = data(0, xf), data(5, wq), data(8, bias), data(9, mult), data(13, out)
-    acc_out = sig.args[13].dtype == types.int32
-    zv, lov, hiv = _splat(b, zph, 16), _splat(b, lo, 16), _splat(b, hi, 16)
+    xp, op = data(run, "x"), data(run, "out")
+    wp, bp, mp = data(layer, "w"), data(layer, "bias"), data(layer, "mult")
+    acc_out = run.types.out.dtype == types.int32
+    zv, lov, hiv = splat(b, zph, 16), splat(b, lo, 16), splat(b, hi, 16)
     # tap table on the stack (generic k only; built in that branch, see the end): tab[ky*k + kx]
     # = ky*rs + kx*cs, an odd count padded with a copy of the last tap (its pair weight is 0), so
     # taps go in pairs (2p, 2p + 1)
-    tab = b.gep(cgutils.alloca_once(b, ir.ArrayType(_i64, MAX_TAPS)), [_c(0, _i32), _c(0, _i32)])
+    tab = b.gep(cgutils.alloca_once(b, ir.ArrayType(i64, MAX_TAPS)), [const(0, i32), const(0, i32)])
     kk = b.mul(k, k)
-    npairs = b.udiv(b.add(kk, _c(1)), _c(2))
+    npairs = b.udiv(b.add(kk, const(1)), const(2))
 
     def build_tab():
         with cgutils.for_range(b, k) as ly:
             with cgutils.for_range(b, k) as lx:
                 b.store(b.add(b.mul(ly.index, rs), b.mul(lx.index, cs)),
                         b.gep(tab, [b.add(b.mul(ly.index, k), lx.index)]))
-        b.store(b.load(b.gep(tab, [b.sub(kk, _c(1))])), b.gep(tab, [kk]))
+        b.store(b.load(b.gep(tab, [b.sub(kk, const(1))])), b.gep(tab, [kk]))
 
     accs = [[cgutils.alloca_once(b, _v8i32) for _ in range(2)] for _ in range(_NV)]   # -> registers
 
     def pair(xc, wc, o0, o1, wr, nv):
         for j in range(nv):
-            x0 = b.zext(vload(xp, b.add(o0, _c(16 * j)), _v16i8, 1, 1), _v16i16)
-            x1 = b.zext(vload(xp, b.add(o1, _c(16 * j)), _v16i8, 1, 1), _v16i16)
-            wv = vload(wp, b.add(wr, _c(16 * j)), _v32i16, 4, 4)    # 16 (w0, w1) pairs
+            x0 = b.zext(vload(xp, b.add(o0, const(16 * j)), _v16i8, 1, 1), _v16i16)
+            x1 = b.zext(vload(xp, b.add(o1, const(16 * j)), _v16i8, 1, 1), _v16i16)
+            wv = vload(wp, b.add(wr, const(16 * j)), _v32i16, 4, 4)    # 16 (w0, w1) pairs
             for h in range(2):
-                z = _shuffle(b, x0, _ILV[h], x1)
-                prod = _madd(b, z, _shuffle(b, wv, range(16 * h, 16 * h + 16)), avx2)
+                z = shuffle(b, x0, _ILV[h], x1)
+                prod = _madd(b, z, shuffle(b, wv, range(16 * h, 16 * h + 16)), avx2)
                 b.store(b.add(b.load(accs[j][h]), prod), accs[j][h])
 
     def step(c, nv, offs, xo, oo):
         for j in range(nv):
-            bv = vload(bp, b.add(b.add(wo, c), _c(16 * j)), _v16i32, 4, 4)
-            b.store(_shuffle(b, bv, range(8)), accs[j][0])
-            b.store(_shuffle(b, bv, range(8, 16)), accs[j][1])
-        xc, wc = b.add(xo, c), b.add(wo, c)
+            bv = vload(bp, b.add(c, const(16 * j)), _v16i32, 4, 4)
+            b.store(shuffle(b, bv, range(8)), accs[j][0])
+            b.store(shuffle(b, bv, range(8, 16)), accs[j][1])
+        xc, wc = b.add(xo, c), c
         if offs is not None:       # k known: taps unrolled, offsets loop-invariant
             for p in range(len(offs) // 2):
                 pair(xc, wc, b.add(xc, offs[2 * p]), b.add(xc, offs[2 * p + 1]),
-                     b.add(b.mul(_c(p), ws), wc), nv)
+                     b.add(b.mul(const(p), ws), wc), nv)
         else:
             with cgutils.for_range(b, npairs) as lp:
-                t0 = b.mul(lp.index, _c(2))
+                t0 = b.mul(lp.index, const(2))
                 o0 = b.add(xc, b.load(b.gep(tab, [t0])))
-                o1 = b.add(xc, b.load(b.gep(tab, [b.add(t0, _c(1))])))
+                o1 = b.add(xc, b.load(b.gep(tab, [b.add(t0, const(1))])))
                 pair(xc, wc, o0, o1, b.add(b.mul(lp.index, ws), wc), nv)
         for j in range(nv):
-            cj = b.add(c, _c(16 * j))
-            acc = _shuffle(b, b.load(accs[j][0]), range(16), b.load(accs[j][1]))   # PERM order
+            cj = b.add(c, const(16 * j))
+            acc = shuffle(b, b.load(accs[j][0]), range(16), b.load(accs[j][1]))   # PERM order
             if acc_out:
-                b.store(_shuffle(b, acc, _INV), b.bitcast(b.gep(op, [b.mul(b.add(oo, cj), _c(4))]),
+                b.store(shuffle(b, acc, _INV), b.bitcast(b.gep(op, [b.mul(b.add(oo, cj), const(4))]),
                                                          _v16i32.as_pointer()), align=4)
                 continue
             # quant.requant_ref: float32 mul, then add (separate, no contraction), clamp; v >= lo >= 0
             # so truncation is floor
-            v = b.fadd(b.fmul(b.sitofp(acc, _v16f32), vload(mp, b.add(wo, cj), _v16f32, 4, 4)), zv)
+            v = b.fadd(b.fmul(b.sitofp(acc, _v16f32), vload(mp, cj, _v16f32, 4, 4)), zv)
             v = b.select(b.fcmp_ordered("<", v, lov), lov, v)
             v = b.select(b.fcmp_ordered(">", v, hiv), hiv, v)
-            q = _shuffle(b, b.trunc(b.fptosi(v, _v16i32), _v16i8), _INV)
+            q = shuffle(b, b.trunc(b.fptosi(v, _v16i32), _v16i8), _INV)
             b.store(q, b.bitcast(b.gep(op, [b.add(oo, cj)]), _v16i8.as_pointer()), align=1)
 
-    full = b.mul(b.udiv(n, _c(16 * _NV)), _c(16 * _NV))
+    full = b.mul(b.udiv(n, const(16 * _NV)), const(16 * _NV))
 
     def body(offs):
         # npix pixels in one call: the setup above (splats, tap offsets, branches) is paid once
@@ -202,22 +192,22 @@ def _emit_tile(ctx, b, sig, args, avx2):
         with cgutils.for_range(b, npix) as lpix:
             xo_p = b.add(xo, b.mul(lpix.index, xstep))
             oo_p = b.add(oo, b.mul(lpix.index, ostep))
-            with cgutils.for_range_slice(b, _c(0), full, _c(16 * _NV)) as (c, _):
+            with cgutils.for_range_slice(b, const(0), full, const(16 * _NV)) as (c, _):
                 step(c, _NV, offs, xo_p, oo_p)
-            with cgutils.for_range_slice(b, full, n, _c(16)) as (c, _):
+            with cgutils.for_range_slice(b, full, n, const(16)) as (c, _):
                 step(c, 1, offs, xo_p, oo_p)
 
     def const_offsets(kk):
-        offs = [b.add(b.mul(_c(ky), rs), b.mul(_c(kx), cs)) for ky in range(kk) for kx in range(kk)]
+        offs = [b.add(b.mul(const(ky), rs), b.mul(const(kx), cs)) for ky in range(kk) for kx in range(kk)]
         return offs + offs[-1:] if len(offs) % 2 else offs
 
     # Lite0 / MobileNetV2 use k = 3 and 5: specialised copies with the tap loop unrolled (no tap
     # table loads, no loop control); other k take the generic loop.
-    with b.if_else(b.icmp_unsigned("==", k, _c(3))) as (k3, other):
+    with b.if_else(b.icmp_unsigned("==", k, const(3))) as (k3, other):
         with k3:
             body(const_offsets(3))
         with other:
-            with b.if_else(b.icmp_unsigned("==", k, _c(5))) as (k5, generic):
+            with b.if_else(b.icmp_unsigned("==", k, const(5))) as (k5, generic):
                 with k5:
                     body(const_offsets(5))
                 with generic:
@@ -231,29 +221,55 @@ def _emit_tile(ctx, b, sig, args, avx2):
 PAIRS, PAIRS_PORTABLE, VNNI, EMU512 = 0, 1, 2, 3
 
 
+class DwLayer(NamedTuple):
+    """What every _tile call of a layer shares: prepared w (pair layout: i16 pairs
+    [(k*k+1)//2, ws, 2], channels in PERM order within groups of 16; VNNI/EMU512: dw_vnni's layout,
+    ws bytes per tap pair), its row stride ws, bias i32, mult f32, zph/lo/hi f32, kernel size k."""
+    w: object
+    ws: object
+    bias: object
+    mult: object
+    zph: object
+    lo: object
+    hi: object
+    k: object
+
+
+class DwRun(NamedTuple):
+    """One _tile call: npix pixels p of n outputs each (n % 16 == 0); pixel p's window starts at
+    x[xo + p*xstep] with rows rs and columns cs apart, its outputs at out[oo + p*ostep]. x u8 (the
+    image or a gathered patch), out u8 or i32 (raw accumulators in channel order); all flat."""
+    x: object
+    xo: object
+    rs: object
+    cs: object
+    out: object
+    oo: object
+    n: object
+    npix: object
+    xstep: object
+    ostep: object
+
+
 @intrinsic
-def _tile(typingctx, xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
-          ostep, variant):
-    """npix pixels p of n outputs each (n % 16 == 0): out[oo + p*ostep + c] = requant(bias[wo+c] +
-    sum_t wq[t, wo+c] * xf[xo + p*xstep + tab[t] + c]),
-    tab[ky*k + kx] = ky*rs + kx*cs; xf u8, bias i32, mult f32; out i32: raw accumulators in
-    channel order. Pair layout: wq i16 pairs [(k*k+1)//2, ws, 2], channels in PERM order within
-    groups of 16; VNNI/EMU512: dw_vnni's layout, ws bytes per tap. variant: a literal int above."""
+def _tile(typingctx, layer, run, variant):
+    """out[oo + p*ostep + c] = requant(bias[c] + sum_t w[t, c] * x[xo + p*xstep + tab[t] + c]) for
+    the pixels and channels of run (a DwRun) and layer (a DwLayer), tab[ky*k + kx] = ky*rs + kx*cs.
+    variant: a literal int above."""
     if not isinstance(variant, types.IntegerLiteral) or variant.literal_value not in range(4):
         raise numba.errors.TypingError("_tile: variant must be a literal PAIRS..EMU512")
     v = variant.literal_value
     if v == VNNI and not cpu.can_compile("avx512vnni"):   # before any code generation
         raise RuntimeError("ternet: this CPU (or numba's target) lacks avx512vnni")
-    sig = types.void(xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
-                     ostep, variant)
+    sig = types.void(layer, run, variant)
 
     def codegen(context, builder, sig, args):
-        args = [context.cast(builder, a, t, types.uint64) if isinstance(t, types.Integer) else a
-                for a, t in zip(args, sig.args)]
+        lay = ig.Record(context, builder, sig.args[0], args[0], unsigned=True)
+        rn = ig.Record(context, builder, sig.args[1], args[1], unsigned=True)
         if v in (VNNI, EMU512):
-            dw_vnni.emit_tile(context, builder, sig, args, native=v == VNNI)
+            dw_vnni.emit_tile(context, builder, lay, rn, native=v == VNNI)
         else:
-            _emit_tile(context, builder, sig, args, v == PAIRS and cpu.can_compile("avx2"))
+            _emit_tile(context, builder, lay, rn, v == PAIRS and cpu.can_compile("avx2"))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -299,10 +315,9 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, ou
     Ho, Wo = out.shape[1], out.shape[2]
     run = run if stride == 1 else 1
     xf = x.reshape(-1)
-    wf = wq.reshape(-1)
     of = out.reshape(-1)
-    rs, cs, ws = U(W * Cp), U(Cp), U(wq.shape[1])
-    kk, pks = U(k), U(k * Cp)
+    rs, cs, pks = U(W * Cp), U(Cp), U(k * Cp)
+    layer = DwLayer(wq.reshape(-1), U(wq.shape[1]), bias, mult, zph, lo, hi, U(k))
     # interior columns: ox*s - pl >= 0 and ox*s - pl + k <= W (floor division)
     cx_lo = min(Wo, (pl + stride - 1) // stride)
     cx_hi = max(cx_lo, min(Wo, (W - k + pl) // stride + 1))
@@ -317,106 +332,60 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, ou
             a = b = Wo                  # the whole row is border
         xrow = nb + U(max(iy0, 0)) * rs
         if run == 1 and a < b:          # interior pixels of the row, one call
-            _tile(xf, xrow + U(a * stride - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo,
-                  hi, of, orow + U(a) * cs, cs, U(b - a), U(stride) * cs, cs, variant)
+            _tile(layer, DwRun(xf, xrow + U(a * stride - pl) * cs, rs, cs, of, orow + U(a) * cs, cs,
+                               U(b - a), U(stride) * cs, cs), variant)
         elif run > 1 and a < b:         # stride 1, few channels: runs of `run` pixels, one call
             full = (b - a) // run * run
             rl = U(run) * cs
             if full:
-                _tile(xf, xrow + U(a - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi,
-                      of, orow + U(a) * cs, rl, U(full // run), rl, rl, variant)
+                _tile(layer, DwRun(xf, xrow + U(a - pl) * cs, rs, cs, of, orow + U(a) * cs, rl,
+                                   U(full // run), rl, rl), variant)
             if full < b - a:            # the last, shorter run
                 p = a + full
-                _tile(xf, xrow + U(p - pl) * cs, rs, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi,
-                      of, orow + U(p) * cs, U(b - p) * cs, U(1), U(0), U(0), variant)
+                _tile(layer, DwRun(xf, xrow + U(p - pl) * cs, rs, cs, of, orow + U(p) * cs,
+                                   U(b - p) * cs, U(1), U(0), U(0)), variant)
         for ox in range(Wo):
             if a <= ox < b:
                 continue
             _gather(xf, nb, iy0, ox * stride - pl, H, W, rs, cs, zx, patch, k)
-            _tile(patch, U(0), pks, cs, kk, wf, U(0), ws, bias, mult, zph, lo, hi, of,
-                  orow + U(ox) * cs, cs, U(1), U(0), U(0), variant)
+            _tile(layer, DwRun(patch, U(0), pks, cs, of, orow + U(ox) * cs, cs, U(1), U(0), U(0)),
+                  variant)
 
 
-@kernel()
-def dw_i8_u8(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """Depthwise: x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp]; prepared tensors (see above), zph/lo/hi f32,
-    patch u8[>= 1, k*k*Cp] scratch (row 0 used)."""
-    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          run, out, patch[0], PAIRS)
+class DwDrivers(NamedTuple):
+    """One layout's drivers: x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp] (or int32 accumulators, given
+    an i32 out: a testing aid); prepared tensors (see above), zph/lo/hi f32, patch u8[>= 1, k*k*Cp]
+    scratch (one row per chunk of rows)."""
+    serial: object
+    par: object         # the output rows split into patch.shape[0] chunks over numba's threads; None
+    portable: object    # the layout on portable IR (what CPUs without the ISA run; tests)
 
 
-@kernel(parallel=True)
-def dw_i8_u8_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """dw_i8_u8 with the output rows of the batch split into patch.shape[0] contiguous chunks run by
-    numba's threads. Every output is computed by the same code whatever the split, so results do
-    not depend on the thread count."""
-    nr = out.shape[0] * out.shape[1]
-    nch = min(nr, patch.shape[0])
-    for i in prange(nch):
-        _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt,
-              pl, run, out, patch[i], PAIRS)
+def _driver(name: str, v: int, par: bool):
+    """The driver `name` of _tile variant v, serial (one chunk, patch row 0) or parallel. Every
+    output is computed by the same code whatever the split, so results do not depend on the
+    thread count."""
+    def drive(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
+        nr = out.shape[0] * out.shape[1]
+        nch = min(nr, patch.shape[0]) if par else 1
+        for i in prange(nch):
+            _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride,
+                  pt, pl, run, out, patch[i], v)
+    return _variant(drive, name, __name__, parallel=par)
 
 
-@kernel()
-def dw_i8_u8_portable(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """dw_i8_u8 forced onto the portable vector IR (what CPUs without AVX2 run); for tests."""
-    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          run, out, patch[0], PAIRS_PORTABLE)
+dw_i8_u8 = _driver("dw_i8_u8", PAIRS, False)
+dw_i8_u8_par = _driver("dw_i8_u8_par", PAIRS, True)
+dw_i8_u8_portable = _driver("dw_i8_u8_portable", PAIRS_PORTABLE, False)
+dw_i8_u8_vnni = _driver("dw_i8_u8_vnni", VNNI, False)
+dw_i8_u8_vnni_par = _driver("dw_i8_u8_vnni_par", VNNI, True)
+dw_i8_u8_emu512 = _driver("dw_i8_u8_emu512", EMU512, False)
 
-
-@kernel()
-def dw_i8_i32(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
-    """Testing aid: int32 accumulators (bias and zero point included) -> acc i32[N,Ho,Wo,Cp]."""
-    f = np.float32(0)
-    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
-          acc, patch[0], PAIRS)
-
-
-@kernel()
-def dw_i8_u8_vnni(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """dw_i8_u8 on AVX512-VNNI (dw_vnni's layout): x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp]."""
-    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          run, out, patch[0], VNNI)
-
-
-@kernel(parallel=True)
-def dw_i8_u8_vnni_par(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """dw_i8_u8_vnni with the rows split over numba's threads as in dw_i8_u8_par."""
-    nr = out.shape[0] * out.shape[1]
-    nch = min(nr, patch.shape[0])
-    for i in prange(nch):
-        _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt,
-              pl, run, out, patch[i], VNNI)
-
-
-@kernel()
-def dw_i8_i32_vnni(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
-    """Testing aid: dw_i8_u8_vnni's int32 accumulators -> acc i32[N,Ho,Wo,Cp]."""
-    f = np.float32(0)
-    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
-          acc, patch[0], VNNI)
-
-
-@kernel()
-def dw_i8_u8_emu512(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
-    """dw_i8_u8_vnni on portable IR (same layout and tiling, any CPU); for tests."""
-    _rows(0, out.shape[0] * out.shape[1], x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl,
-          run, out, patch[0], EMU512)
-
-
-@kernel()
-def dw_i8_i32_emu512(x, zx, wq, bias, mult, k, stride, pt, pl, run, acc, patch):
-    """Testing aid: dw_i8_u8_emu512's int32 accumulators -> acc i32[N,Ho,Wo,Cp]."""
-    f = np.float32(0)
-    _rows(0, acc.shape[0] * acc.shape[1], x, zx, wq, bias, mult, f, f, f, k, stride, pt, pl, run,
-          acc, patch[0], EMU512)
-
-
-# impl -> (serial u8, parallel u8 or None, serial int32 accumulators); "emu512" runs serially
+# impl -> drivers; "emu512" runs serially
 DRIVERS = {
-    "pairs": (dw_i8_u8, dw_i8_u8_par, dw_i8_i32),
-    "vnni": (dw_i8_u8_vnni, dw_i8_u8_vnni_par, dw_i8_i32_vnni),
-    "emu512": (dw_i8_u8_emu512, None, dw_i8_i32_emu512),
+    "pairs": DwDrivers(dw_i8_u8, dw_i8_u8_par, dw_i8_u8_portable),
+    "vnni": DwDrivers(dw_i8_u8_vnni, dw_i8_u8_vnni_par, dw_i8_u8_emu512),
+    "emu512": DwDrivers(dw_i8_u8_emu512, None, dw_i8_u8_emu512),
 }
 IMPLS = tuple(DRIVERS)
 
@@ -470,8 +439,7 @@ def prepare_depthwise(w, bias, zx, mult, stride, impl="pairs"):
     Cp = pad_to(C, CH_ALIGN)
     wc = w.reshape(k * k, C).T.astype(np.int64)                      # [C, k*k]
     folded = quant.fold_input_zero_point(np.asarray(bias, np.int32), wc, zx)
-    if np.any(np.abs(folded.astype(np.int64)) + 255 * np.abs(wc).sum(axis=1) > I32_MAX):
-        raise OverflowError("depthwise accumulator may exceed int32")
+    check_headroom(wc, folded, "depthwise")
     run = max(1, FLAT_LEN // Cp) if stride == 1 else 1
     if impl != "pairs" and stride == 1:
         # one 64-byte step per run, so that neighbouring runs share their loads like stride-2
@@ -487,7 +455,7 @@ def prepare_depthwise(w, bias, zx, mult, stride, impl="pairs"):
         mp[:C] = np.asarray(mult, np.float32).reshape(-1)
         wq, bq, mq = dw_vnni.prepare(np.tile(wt, (1, run)).reshape(k, k, -1), np.tile(bp, run),
                                      np.tile(mp, run))
-        return _aligned(wq), bq, mq, run
+        return aligned(wq), bq, mq, run
     npairs = (k * k + 1) // 2
     wt = np.zeros((2 * npairs, Cp), np.int16)
     wt[:k * k, :C] = w.reshape(k * k, C)
@@ -498,15 +466,6 @@ def prepare_depthwise(w, bias, zx, mult, stride, impl="pairs"):
     mp = np.zeros(Cp, np.float32)
     mp[:C] = np.asarray(mult, np.float32).reshape(-1)
     return wq, permute16(np.tile(bp, run)), permute16(np.tile(mp, run)), run
-
-
-def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
-    """C-contiguous copy of `a` starting on an `align`-byte boundary (weight vectors = cache lines)."""
-    buf = np.empty(a.nbytes + align, np.uint8)
-    off = -buf.ctypes.data % align
-    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -587,15 +546,13 @@ class DepthwisePlan:
         AVX2, or without AVX512-VNNI, would run), single thread."""
         self._check(x4d, out4d, np.uint8)
         if x4d.shape[0]:
-            fn = dw_i8_u8_portable if self.impl == "pairs" else dw_i8_u8_emu512
-            fn(*self._args(x4d), out4d, self.patch)
+            DRIVERS[self.impl].portable(*self._args(x4d), out4d, self.patch)
 
     def accumulate(self, x4d, acc4d):
         """Testing aid: int32 accumulators of all Cp channels into acc4d i32[N,Ho,Wo,Cp]."""
         self._check(x4d, acc4d, np.int32)
         if x4d.shape[0]:
-            DRIVERS[self.impl][2](x4d, self.zx, self.w, self.bias, self.mult, self.k, self.stride,
-                                  self.pad_top, self.pad_left, self.run, acc4d, self.patch)
+            DRIVERS[self.impl].serial(*self._args(x4d), acc4d, self.patch)
 
 
 def _border_pixels(k, stride, pad, size, out):
@@ -634,8 +591,8 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     copy when the caller passes no scratch (first call per larger batch, then kept).
     pad_input: copy the input into a zero-point-bordered buffer first, so every pixel takes the
     interior path (None: when pads_input says it is cheaper; True/False force it, for tests).
-    impl: a key of DRIVERS, None for the fastest on this CPU (cpu.depthwise_impl)."""
-    impl = cpu.depthwise_impl() if impl is None else impl
+    impl: a key of DRIVERS, None for the fastest on this CPU (cpu.depthwise_kernel)."""
+    impl = cpu.depthwise_kernel() if impl is None else impl
     if impl not in DRIVERS:
         raise ValueError(f"unknown depthwise impl {impl!r}; expected one of {IMPLS}")
     if impl == "vnni" and not cpu.can_run("avx512vnni"):
@@ -646,14 +603,13 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     k, C = w.shape[0], w.shape[2]
     if k % 2 == 0 or not 1 <= k <= 7:
         raise ValueError(f"kernel size {k} not supported; expected odd k in 1..7")
-    if w.size and (w.min() < -128 or w.max() > 127):
-        raise ValueError("weights must fit int8")
+    check_int8(w)
     if stride < 1 or not (0 <= pad_top < k and 0 <= pad_left < k):
         raise ValueError(f"bad stride/padding {stride}, ({pad_top}, {pad_left}) for k={k}")
-    if not (0 <= int(zx) <= 255 and 0 <= int(lo) <= int(hi) <= 255):
-        raise ValueError(f"need 0 <= zx <= 255 and 0 <= lo <= hi <= 255, got {zx}, {lo}, {hi}")
-    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
-        raise ValueError("multipliers must be finite")
+    if not 0 <= int(zx) <= 255:
+        raise ValueError(f"zero point {zx} outside [0, 255]")
+    check_clamp(lo, hi)
+    check_finite(mult)
     if Ho < 1 or Wo < 1 or (Ho - 1) * stride - pad_top >= H or (Wo - 1) * stride - pad_left >= W:
         raise ValueError(f"output {Ho}x{Wo} does not fit input {H}x{W} with stride {stride}")
     wq, bp, mp, run = prepare_depthwise(w, bias, zx, mult, stride, impl)

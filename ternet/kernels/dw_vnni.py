@@ -34,7 +34,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
-from .vnni import dpbusd
+from . import irgen as ig
+from .irgen import const, dpbusd, f32, i8, i16, i32, i64, internal_function, lanes, splat
 
 STEP = 64       # channels per vector step: one zmm of u8 activations
 TILE_PX = 4     # output pixels per register tile: 16 accumulators, loads shared by neighbours
@@ -47,9 +48,8 @@ LANE_CH = np.array([[16 * (i // 4) + 8 * (r // 2) + 2 * (i % 4) + r % 2 for i in
 PACKED = (0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
 _UNPACK = [16 * l + PACKED.index(c) for l in range(4) for c in range(16)]
 
-_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_v16i32, _v16f32, _v64i8 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir.VectorType(_i8, 64)
-_v32i16, _v64i32, _v64i1 = ir.VectorType(_i16, 32), ir.VectorType(_i32, 64), ir.VectorType(ir.IntType(1), 64)
+_v16i32, _v16f32, _v64i8 = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(i8, 64)
+_v32i16, _v64i32, _v64i1 = ir.VectorType(i16, 32), ir.VectorType(i32, 64), ir.VectorType(ir.IntType(1), 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,25 +108,11 @@ def prepare(w, bias, mult):
 # ---------------------------------------------------------------------------------------------
 # IR
 
-def _c(v, ty=_i64):
-    return ir.Constant(ty, v)
-
-
-def _lanes(ty, idx):
-    return ir.Constant(ir.VectorType(_i32, len(idx)), list(idx))
-
-
-def _splat(b, s, n):
-    vty = ir.VectorType(s.type, n)
-    v = b.insert_element(ir.Constant(vty, ir.Undefined), s, _c(0, _i32))
-    return b.shuffle_vector(v, ir.Constant(vty, ir.Undefined), _lanes(_i32, [0] * n))
-
-
 def _unpack_bytes(b, x0, x1, high):
     """vpunpck{l,h}bw: per 128-bit lane, bytes 0-7 (or 8-15) of x0 and x1 interleaved."""
     half = 8 if high else 0
     idx = [16 * l + half + j // 2 + (64 if j % 2 else 0) for l in range(4) for j in range(16)]
-    return b.shuffle_vector(x0, x1, _lanes(_i32, idx))
+    return b.shuffle_vector(x0, x1, lanes(idx))
 
 
 def _pack_sat(b, lo_half, hi_half, native):
@@ -135,14 +121,14 @@ def _pack_sat(b, lo_half, hi_half, native):
     4 (8) elements then the second's."""
     n = lo_half.type.count
     wide = lo_half.type.element
-    narrow = _i16 if wide == _i32 else _i8
+    narrow = i16 if wide == i32 else i8
     nty = ir.VectorType(narrow, 2 * n)
     if native:
-        name = "llvm.x86.avx512.packusdw.512" if narrow == _i16 else "llvm.x86.avx512.packuswb.512"
+        name = "llvm.x86.avx512.packusdw.512" if narrow == i16 else "llvm.x86.avx512.packuswb.512"
         fn = b.module.declare_intrinsic(name, fnty=ir.FunctionType(nty, [lo_half.type, lo_half.type]))
         return b.call(fn, [lo_half, hi_half])
     per = n // 4                         # elements of one operand in a 128-bit lane
-    cat = b.shuffle_vector(lo_half, hi_half, _lanes(_i32, [
+    cat = b.shuffle_vector(lo_half, hi_half, lanes([
         (n if h else 0) + per * l + j for l in range(4) for h in range(2) for j in range(per)]))
     top = ir.Constant(cat.type, [(1 << narrow.width) - 1] * 2 * n)
     zero = ir.Constant(cat.type, [0] * 2 * n)
@@ -151,31 +137,18 @@ def _pack_sat(b, lo_half, hi_half, native):
     return b.trunc(cat, nty)
 
 
-def _emu_function(module, name, ret, args, body):
-    """An internal noinline function of the module, defined on first use by body(builder, fn):
-    the emulated masked loads and stores are element loops; inlined at every call site of the
-    unrolled tile they made LLVM take many minutes on CPUs without AVX-512."""
-    if name in module.globals:
-        return module.globals[name]
-    fn = ir.Function(module, ir.FunctionType(ret, args), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    body(ir.IRBuilder(fn.append_basic_block()), fn)
-    return fn
-
-
 def _emu_masked_load(module):
     """(i8* p, i64 mask) -> <64 x i8>: byte j = p[j] if bit j of mask, else 0."""
     def body(b, fn):
         p, mask = fn.args
         v = cgutils.alloca_once_value(b, ir.Constant(_v64i8, None))
-        vp = b.bitcast(v, _i8.as_pointer())
-        with cgutils.for_range(b, _c(STEP)) as lj:
+        vp = b.bitcast(v, i8.as_pointer())
+        with cgutils.for_range(b, const(STEP)) as lj:
             j = lj.index
             with b.if_then(b.trunc(b.lshr(mask, j), ir.IntType(1))):
                 b.store(b.load(b.gep(p, [j])), b.gep(vp, [j]))
         b.ret(b.load(v))
-    return _emu_function(module, "ternet_emu_masked_load", _v64i8, [_i8.as_pointer(), _i64], body)
+    return internal_function(module, "ternet_emu_masked_load", _v64i8, [i8.as_pointer(), i64], body)
 
 
 def _emu_masked_store(module, vty):
@@ -185,35 +158,34 @@ def _emu_masked_store(module, vty):
         v = cgutils.alloca_once_value(b, val)
         ep = b.bitcast(p, vty.element.as_pointer())
         vp = b.bitcast(v, vty.element.as_pointer())
-        with cgutils.for_range(b, _c(STEP)) as lj:
+        with cgutils.for_range(b, const(STEP)) as lj:
             j = lj.index
             with b.if_then(b.trunc(b.lshr(mask, j), ir.IntType(1))):
                 b.store(b.load(b.gep(vp, [j])), b.gep(ep, [j]))
         b.ret_void()
-    return _emu_function(module, f"ternet_emu_masked_store_{vty.element}", ir.VoidType(),
-                         [vty, vty.as_pointer(), _i64], body)
+    return internal_function(module, f"ternet_emu_masked_store_{vty.element}", ir.VoidType(),
+                         [vty, vty.as_pointer(), i64], body)
 
 
 class _Tile:
     """Emits `depthwise._tile` for this layout (see the module docstring)."""
 
-    def __init__(self, ctx, b, sig, args, native):
-        (xf, xo, rs, cs, k, wq, wo, ws, bias, mult, zph, lo, hi, out, oo, n, npix, xstep,
-         ostep, _) = args
+    def __init__(self, ctx, b, layer, run, native):
+        """layer, run: `Record`s of depthwise.DwLayer and DwRun (integers as uint64)."""
         self.b, self.native = b, native
-        self.rs, self.cs, self.k, self.wo, self.ws = rs, cs, k, wo, ws
+        self.rs, self.cs, self.k, self.ws = run.rs, run.cs, layer.k, layer.ws
 
-        def data(i, v):
-            a = ctx.make_array(sig.args[i])(ctx, b, v)
-            return b.bitcast(a.data, _i8.as_pointer())
+        def data(rec, name):
+            return ig.array(ctx, b, getattr(rec.types, name), getattr(rec, name))[0]
 
-        self.xp, self.wp, self.bp, self.mp, self.op = (data(i, v) for i, v in (
-            (0, xf), (5, wq), (8, bias), (9, mult), (13, out)))
-        self.acc_out = sig.args[13].dtype == types.int32
-        self.zv, self.hiv = _splat(b, zph, 16), _splat(b, hi, 16)
-        self.lob = _splat(b, b.fptoui(lo, _i8), 64)            # 0 <= lo <= 255, integer-valued
+        self.xp, self.op = data(run, "x"), data(run, "out")
+        self.wp, self.bp, self.mp = data(layer, "w"), data(layer, "bias"), data(layer, "mult")
+        self.acc_out = run.types.out.dtype == types.int32
+        self.zv, self.hiv = splat(b, layer.zph, 16), splat(b, layer.hi, 16)
+        self.lob = splat(b, b.fptoui(layer.lo, i8), 64)     # 0 <= lo <= 255, integer-valued
         self.accs = [[cgutils.alloca_once(b, _v16i32) for _ in range(4)] for _ in range(TILE_PX)]
-        self.xo, self.oo, self.n, self.npix, self.xstep, self.ostep = xo, oo, n, npix, xstep, ostep
+        self.xo, self.oo, self.n, self.npix = run.xo, run.oo, run.n, run.npix
+        self.xstep, self.ostep = run.xstep, run.ostep
 
     # -- memory (offsets in bytes, i64)
     def _ptr(self, base, off, vty):
@@ -227,10 +199,10 @@ class _Tile:
         if mask is None:
             return b.load(p, align=1)
         if not self.native:
-            return b.call(_emu_masked_load(b.module), [b.bitcast(p, _i8.as_pointer()), mask])
-        fnty = ir.FunctionType(_v64i8, [_v64i8.as_pointer(), _i32, _v64i1, _v64i8])
+            return b.call(_emu_masked_load(b.module), [b.bitcast(p, i8.as_pointer()), mask])
+        fnty = ir.FunctionType(_v64i8, [_v64i8.as_pointer(), i32, _v64i1, _v64i8])
         fn = b.module.declare_intrinsic("llvm.masked.load.v64i8.p0", fnty=fnty)
-        return b.call(fn, [p, _c(1, _i32), b.bitcast(mask, _v64i1), ir.Constant(_v64i8, None)])
+        return b.call(fn, [p, const(1, i32), b.bitcast(mask, _v64i1), ir.Constant(_v64i8, None)])
 
     def store(self, val, off, mask):
         """Store the 64-element vector val at out + off (bytes), only the elements in mask."""
@@ -241,9 +213,9 @@ class _Tile:
         elif not self.native:
             b.call(_emu_masked_store(b.module, val.type), [val, p, mask])
         else:
-            fnty = ir.FunctionType(ir.VoidType(), [val.type, val.type.as_pointer(), _i32, _v64i1])
+            fnty = ir.FunctionType(ir.VoidType(), [val.type, val.type.as_pointer(), i32, _v64i1])
             fn = b.module.declare_intrinsic(f"llvm.masked.store.v64{val.type.element}.p0", fnty=fnty)
-            b.call(fn, [val, p, _c(1, _i32), b.bitcast(mask, _v64i1)])
+            b.call(fn, [val, p, const(1, i32), b.bitcast(mask, _v64i1)])
 
     # -- the tile
     def emit(self, k):
@@ -251,23 +223,23 @@ class _Tile:
         loads, the rest one at a time. k: the kernel size as a Python int (taps unrolled) or None
         (the generic pair loop, one pixel at a time)."""
         b = self.b
-        full = b.and_(self.n, _c(~(STEP - 1)))
+        full = b.and_(self.n, const(~(STEP - 1)))
         rem = b.sub(self.n, full)
-        mask = b.sub(b.shl(_c(1), rem), _c(1))          # i64, bit j: byte j; used only if rem > 0
+        mask = b.sub(b.shl(const(1), rem), const(1))          # i64, bit j: byte j; used only if rem > 0
 
         def pixels(first, count, s):
-            with cgutils.for_range_slice(b, _c(0), full, _c(STEP)) as (c, _):
+            with cgutils.for_range_slice(b, const(0), full, const(STEP)) as (c, _):
                 self.step(first, count, s, c, k, None)
-            with b.if_then(b.icmp_unsigned("!=", rem, _c(0))):
+            with b.if_then(b.icmp_unsigned("!=", rem, const(0))):
                 self.step(first, count, s, full, k, mask)
 
         def tiles(s):
             with cgutils.for_range(b, ntile) as lt:
-                pixels(b.mul(lt.index, _c(TILE_PX)), TILE_PX, s)
+                pixels(b.mul(lt.index, const(TILE_PX)), TILE_PX, s)
 
-        ntile = _c(0)
+        ntile = const(0)
         if k is not None:
-            ntile = b.udiv(self.npix, _c(TILE_PX))
+            ntile = b.udiv(self.npix, const(TILE_PX))
             with b.if_else(b.icmp_unsigned("==", self.xstep, self.cs)) as (s1, other):
                 with s1:
                     tiles(1)
@@ -276,8 +248,8 @@ class _Tile:
                         tiles(2)
             other_stride = b.and_(b.icmp_unsigned("!=", self.xstep, self.cs),
                                   b.icmp_unsigned("!=", self.xstep, b.add(self.cs, self.cs)))
-            ntile = b.select(other_stride, _c(0), ntile)
-        with cgutils.for_range_slice(b, b.mul(ntile, _c(TILE_PX)), self.npix, _c(1)) as (p, _):
+            ntile = b.select(other_stride, const(0), ntile)
+        with cgutils.for_range_slice(b, b.mul(ntile, const(TILE_PX)), self.npix, const(1)) as (p, _):
             pixels(p, 1, 0)
 
     def step(self, first, count, s, c, k, mask):
@@ -285,18 +257,18 @@ class _Tile:
         pixel p's input starts s columns after pixel p - 1's (count > 1)."""
         b = self.b
         x0 = b.add(b.add(self.xo, b.mul(first, self.xstep)), c)
-        cw = b.add(self.wo, c)
+        cw = c
         for r in range(4):
-            bv = b.load(self._ptr(self.bp, b.mul(b.add(cw, _c(16 * r)), _c(4)), _v16i32), align=4)
+            bv = b.load(self._ptr(self.bp, b.mul(b.add(cw, const(16 * r)), const(4)), _v16i32), align=4)
             for p in range(count):
                 b.store(bv, self.accs[p][r])
-        wcol = b.mul(cw, _c(4))
+        wcol = b.mul(cw, const(4))
 
         def pair(row, widx, pixels):
             """A tap pair of input row `row`; pixels: [(p, column of tap a, of tap b)], columns
             Python ints (unrolled: equal columns share their loads) or IR values."""
             wbase = b.add(b.mul(widx, self.ws), wcol)
-            wv = [b.load(self._ptr(self.wp, b.add(wbase, _c(STEP * r)), _v64i8), align=1)
+            wv = [b.load(self._ptr(self.wp, b.add(wbase, const(STEP * r)), _v64i8), align=1)
                   for r in range(4)]
             for p, ca, cb in pixels:
                 z = self._unpacked(x0, row, ca, cb, mask)
@@ -309,17 +281,17 @@ class _Tile:
             npr = pairs_per_row(k)
             for ky in range(k):
                 for i, (ca, cb) in enumerate(pair_columns(k)):
-                    pair(ky, _c(ky * npr + i), [(p, ca + p * s, cb + p * s) for p in range(count)])
+                    pair(ky, const(ky * npr + i), [(p, ca + p * s, cb + p * s) for p in range(count)])
                 self._cache = {}        # rows share nothing: keep register pressure down
         else:
-            npr = b.udiv(b.add(self.k, _c(1)), _c(2))
+            npr = b.udiv(b.add(self.k, const(1)), const(2))
             with cgutils.for_range(b, b.mul(self.k, npr)) as lp:
                 ky, i = b.udiv(lp.index, npr), b.urem(lp.index, npr)
-                last = b.icmp_unsigned("==", i, b.sub(npr, _c(1)))
+                last = b.icmp_unsigned("==", i, b.sub(npr, const(1)))
                 two_i = b.add(i, i)
-                ca = b.select(last, b.select(b.icmp_unsigned(">", self.k, _c(1)),
-                                             b.sub(self.k, _c(2)), _c(0)), two_i)
-                cb = b.select(last, b.sub(self.k, _c(1)), b.add(two_i, _c(1)))
+                ca = b.select(last, b.select(b.icmp_unsigned(">", self.k, const(1)),
+                                             b.sub(self.k, const(2)), const(0)), two_i)
+                cb = b.select(last, b.sub(self.k, const(1)), b.add(two_i, const(1)))
                 self._cache = {}
                 pair(ky, lp.index, [(0, ca, cb)])
         self.epilogue(first, count, c, cw, mask)
@@ -333,7 +305,7 @@ class _Tile:
             return v if isinstance(v, int) else id(v)
 
         def ir_int(v):
-            return _c(v) if isinstance(v, int) else v
+            return const(v) if isinstance(v, int) else v
 
         def vec(col):
             k = ("x", key(row), key(col))
@@ -351,17 +323,17 @@ class _Tile:
     def epilogue(self, first, count, c, cw, mask):
         b = self.b
         oo = b.add(b.add(self.oo, b.mul(first, self.ostep)), c)
-        oos = [b.add(oo, b.mul(_c(p), self.ostep)) for p in range(count)]
+        oos = [b.add(oo, b.mul(const(p), self.ostep)) for p in range(count)]
         if self.acc_out:        # testing aid: raw accumulators in channel order
             order = [16 * r + i for ch in range(STEP) for r, i in zip(*np.nonzero(LANE_CH == ch))]
             for p in range(count):
                 a = [b.load(self.accs[p][r]) for r in range(4)]
-                cat = _lanes(_i32, range(32))
+                cat = lanes(range(32))
                 v = b.shuffle_vector(b.shuffle_vector(a[0], a[1], cat), b.shuffle_vector(a[2], a[3], cat),
-                                     _lanes(_i32, order))
-                self.store(v, b.mul(oos[p], _c(4)), mask)
+                                     lanes(order))
+                self.store(v, b.mul(oos[p], const(4)), mask)
             return
-        mv = [b.load(self._ptr(self.mp, b.mul(b.add(cw, _c(16 * r)), _c(4)), _v16f32), align=4)
+        mv = [b.load(self._ptr(self.mp, b.mul(b.add(cw, const(16 * r)), const(4)), _v16f32), align=4)
               for r in range(4)]
         for p in range(count):
             q = []
@@ -374,19 +346,19 @@ class _Tile:
             words = [_pack_sat(b, q[0], q[1], self.native), _pack_sat(b, q[2], q[3], self.native)]
             packed = _pack_sat(b, words[0], words[1], self.native)
             packed = b.select(b.icmp_unsigned("<", packed, self.lob), self.lob, packed)
-            self.store(b.shuffle_vector(packed, ir.Constant(_v64i8, ir.Undefined), _lanes(_i32, _UNPACK)),
+            self.store(b.shuffle_vector(packed, ir.Constant(_v64i8, ir.Undefined), lanes(_UNPACK)),
                        oos[p], mask)
 
-def emit_tile(ctx, b, sig, args, native: bool) -> None:
+def emit_tile(ctx, b, layer, run, native: bool) -> None:
     """`depthwise._tile` for this layout: k = 3 and 5 with the tap pairs unrolled, other k through
     a pair loop. native: AVX512-VNNI/BW instructions, else portable IR with the same semantics
     (emulation)."""
-    t = _Tile(ctx, b, sig, args, native)
-    with b.if_else(b.icmp_unsigned("==", t.k, _c(3))) as (k3, other):
+    t = _Tile(ctx, b, layer, run, native)
+    with b.if_else(b.icmp_unsigned("==", t.k, const(3))) as (k3, other):
         with k3:
             t.emit(3)
         with other:
-            with b.if_else(b.icmp_unsigned("==", t.k, _c(5))) as (k5, generic):
+            with b.if_else(b.icmp_unsigned("==", t.k, const(5))) as (k5, generic):
                 with k5:
                     t.emit(5)
                 with generic:

@@ -16,9 +16,8 @@ from numba import prange
 
 from ._jit import U, kernel, num_threads
 from .layout import CH_ALIGN, ROW_SLACK, pad_to
-
-I32_MAX = 2**31 - 1
-PAR_MIN_MACS = 1 << 20       # the classifier (1.3 M MACs per image) is split over threads above this
+from .limits import LINEAR_PAR_MIN_MACS as PAR_MIN_MACS
+from .limits import I32_MAX, check_clamp, check_headroom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,8 +59,7 @@ class AddPlan:
 
 def make_add(za, ma, zb, mb, zp_out, lo, hi) -> AddPlan:
     """Residual add with multipliers ma = s_a / s_out, mb = s_b / s_out (quant.add_multipliers)."""
-    if not 0 <= int(lo) <= int(hi) <= 255:
-        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    check_clamp(lo, hi)
     return AddPlan(np.int32(za), np.float32(ma), np.int32(zb), np.float32(mb),
                    quant.zp_bias(zp_out), np.float32(lo), np.float32(hi))
 
@@ -240,8 +238,7 @@ def make_linear(w, bias, zx, s_in, s_w, impl: str = "plain") -> LinearPlan:
         raise ValueError(f"w must be an int8 array [Cout, Cin], got {w.dtype} {w.shape}")
     cout, cin = w.shape
     folded = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
-    if np.any(np.abs(folded.astype(np.int64)) + 255 * np.abs(w.astype(np.int64)).sum(axis=1) > I32_MAX):
-        raise OverflowError("linear accumulator may exceed int32")
+    check_headroom(w, folded, "linear")
     cin_p = pad_to(cin, CH_ALIGN)
     wp = np.zeros((cout, cin_p), np.int8)
     wp[:, :cin] = w

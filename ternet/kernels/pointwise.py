@@ -23,6 +23,7 @@ specialisations: 7x7 layers would waste 62% of a 128-pixel tile).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 from numba import prange
@@ -31,11 +32,12 @@ from .. import quant
 from ._jit import U, kernel, num_threads
 from .cpu import IMPLS
 from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
+from .limits import POINTWISE_PAR_MIN_MACS as PAR_MIN_MACS
+from .limits import I32_MAX, check_clamp, check_finite, check_headroom, check_int8
+from .variants import variant
 
 TILE = 128          # pixels per tile and the row stride of the channel-major scratch
 CHUNK = 128         # rows summed in int16 before widening: 128 * 255 = 32640 <= 32767
-PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
-I32_MAX = 2**31 - 1
 _U8 = np.dtype(np.uint8)
 
 # SWAR masks for the 8x8 byte transpose (swap bytes, then 16-bit pairs, then 32-bit halves)
@@ -106,19 +108,72 @@ def _tr8(a0, a1, a2, a3, a4, a5, a6, a7):
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
-@kernel()
-def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
-              compl, out, out32, xt, acc16, acc32, yt, TL):
-    """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P.
+class Lists(NamedTuple):
+    """A layer's weights as index lists (see _lists_ternary, _lists_dense). Per output o: dense list
+    dptr[o]:dptr[o+1] of (row drows, weight dw) in groups of 4, else ternary chunks
+    tptr[o]:tptr[o+1], each a range tchunks[k] of trows (<= CHUNK real rows, padded to 4 with the
+    zero row); compl: some ternary row has a -1 (the ~x rows are needed)."""
+    tptr: object
+    tchunks: object
+    trows: object
+    dptr: object
+    drows: object
+    dw: object
+    compl: object
 
-    Scratch: xt u8[(2*cin_p + 1) * TILE] rows of TL bytes: x_c (c < cin_p), ~x_c (cin_p + c), a
-    zero row (2*cin_p, cleared here); acc16 i16[TILE]; acc32 i32[TILE]; yt u8[8 * TILE] (8 output
-    rows of TL bytes).
-    Per output o: dense list dptr[o]:dptr[o+1] of (row, weight) in groups of 4, else ternary
-    chunks tptr[o]:tptr[o+1], each a range of trows (<= CHUNK real rows, padded to 4 with the
-    zero row). Results go to out u8[rows, cout_p] or, if out32 has rows (tests), to out32
-    i32[rows, cout_p] as int32 accumulators. TL (tile length) is a compile-time literal; every
-    other flag is a runtime value so that all drivers share the two compiled specialisations."""
+
+class Requant(NamedTuple):
+    """The epilogue's parameters: bias i32[cout_p] (zero point folded), mult f32[cout_p], zph, lo,
+    hi f32 (quant.requant_ref)."""
+    bias: object
+    mult: object
+    zph: object
+    lo: object
+    hi: object
+
+
+class Scratch(NamedTuple):
+    """One thread's scratch: xt u8[(2*cin_p + 1) * TILE] rows of TL bytes: x_c (c < cin_p), ~x_c
+    (cin_p + c), a zero row (2*cin_p, cleared by _pw_tiles); acc16 i16[TILE]; acc32 i32[TILE];
+    yt u8[8 * TILE] (8 output rows of TL bytes)."""
+    xt: object
+    acc16: object
+    acc32: object
+    yt: object
+
+
+@kernel(inline="always")
+def _store8(a, d, s, words):
+    """a[d + i*s] = words[i] for the 8 words (all loaded before: the transposes run in place)."""
+    b0, b1, b2, b3, b4, b5, b6, b7 = words
+    a[d] = b0
+    a[d + s] = b1
+    a[d + U(2) * s] = b2
+    a[d + U(3) * s] = b3
+    a[d + U(4) * s] = b4
+    a[d + U(5) * s] = b5
+    a[d + U(6) * s] = b6
+    a[d + U(7) * s] = b7
+
+
+@kernel(inline="always")
+def _offsets8(rows, a, rs):
+    """Scratch offsets of the 8 rows rows[a:a+8], rs bytes apart."""
+    return (U(rows[a]) * rs, U(rows[a + U(1)]) * rs, U(rows[a + U(2)]) * rs, U(rows[a + U(3)]) * rs,
+            U(rows[a + U(4)]) * rs, U(rows[a + U(5)]) * rs, U(rows[a + U(6)]) * rs,
+            U(rows[a + U(7)]) * rs)
+
+
+@kernel()
+def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
+    """Pixel tiles [p_start + t*TL, +TL), t < ntiles, clipped to the 8-pixel groups that hold rows < P,
+    of the layer `lists` (Lists), `rq` (Requant), with `scratch` (Scratch). Results go to out
+    u8[rows, cout_p] or, if out32 has rows (tests), to out32 i32[rows, cout_p] as int32
+    accumulators. TL (tile length) is a compile-time literal; every other flag is a runtime value
+    so that all drivers share the two compiled specialisations."""
+    tptr, tchunks, trows, dptr, drows, dw, compl = lists
+    bias, mult, zph, lo, hi = rq
+    xt, acc16, acc32, yt = scratch
     I32 = out32.shape[0] > 0
     x64 = x.view(np.uint64)         # [rows, cin_p/8]: 8 channels of one pixel per word
     xt64 = xt.view(np.uint64)       # rows of TL/8 words: 8 pixels of one channel per word
@@ -145,18 +200,9 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
         for g in range(ngrp):
             r = p0 + u8 * g
             for k in range(kw):
-                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                _store8(xt64, u8 * k * ws + g, ws, _tr8(
                     x64[r, k], x64[r + u1, k], x64[r + u2, k], x64[r + u3, k],
-                    x64[r + u4, k], x64[r + u5, k], x64[r + u6, k], x64[r + u7, k])
-                d = u8 * k * ws + g
-                xt64[d] = b0
-                xt64[d + ws] = b1
-                xt64[d + u2 * ws] = b2
-                xt64[d + u3 * ws] = b3
-                xt64[d + u4 * ws] = b4
-                xt64[d + u5 * ws] = b5
-                xt64[d + u6 * ws] = b6
-                xt64[d + u7 * ws] = b7
+                    x64[r + u4, k], x64[r + u5, k], x64[r + u6, k], x64[r + u7, k]))
         if compl:       # ~x rows: subtracting x_c becomes adding ~x_c (the -255 is in the bias)
             for c in range(cin_p):
                 s = c * rs
@@ -199,14 +245,7 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
                         # int16 partial sum of <= CHUNK rows of u8: 0 <= acc16 <= 128*255 = 32640
                         # (LLVM narrows the u8 sums to 16-bit lanes: the store truncates them)
                         if a + u8 <= e:     # the first pass stores instead of adding
-                            r0 = U(trows[a]) * rs
-                            r1 = U(trows[a + u1]) * rs
-                            r2 = U(trows[a + u2]) * rs
-                            r3 = U(trows[a + u3]) * rs
-                            r4 = U(trows[a + u4]) * rs
-                            r5 = U(trows[a + u5]) * rs
-                            r6 = U(trows[a + u6]) * rs
-                            r7 = U(trows[a + u7]) * rs
+                            r0, r1, r2, r3, r4, r5, r6, r7 = _offsets8(trows, a, rs)
                             for j in range(tl):
                                 acc16[j] = np.int16(((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
                                                     + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j])))
@@ -215,14 +254,7 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
                             for j in range(tl):
                                 acc16[j] = 0
                         while a + u8 <= e:
-                            r0 = U(trows[a]) * rs
-                            r1 = U(trows[a + u1]) * rs
-                            r2 = U(trows[a + u2]) * rs
-                            r3 = U(trows[a + u3]) * rs
-                            r4 = U(trows[a + u4]) * rs
-                            r5 = U(trows[a + u5]) * rs
-                            r6 = U(trows[a + u6]) * rs
-                            r7 = U(trows[a + u7]) * rs
+                            r0, r1, r2, r3, r4, r5, r6, r7 = _offsets8(trows, a, rs)
                             for j in range(tl):
                                 acc16[j] = np.int16(acc16[j] + (((xt[r0 + j] + xt[r1 + j]) + (xt[r2 + j] + xt[r3 + j]))
                                                                 + ((xt[r4 + j] + xt[r5 + j]) + (xt[r6 + j] + xt[r7 + j]))))
@@ -271,17 +303,9 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
             # each row holds pixel group g), a loop LLVM vectorises across g; then each word
             # (8 channels of a pixel) is stored to its output row.
             for g in range(ngrp):
-                b0, b1, b2, b3, b4, b5, b6, b7 = _tr8(
+                _store8(yt64, g, tw, _tr8(
                     yt64[g], yt64[g + tw], yt64[g + u2 * tw], yt64[g + u3 * tw],
-                    yt64[g + u4 * tw], yt64[g + u5 * tw], yt64[g + u6 * tw], yt64[g + u7 * tw])
-                yt64[g] = b0
-                yt64[g + tw] = b1
-                yt64[g + u2 * tw] = b2
-                yt64[g + u3 * tw] = b3
-                yt64[g + u4 * tw] = b4
-                yt64[g + u5 * tw] = b5
-                yt64[g + u6 * tw] = b6
-                yt64[g + u7 * tw] = b7
+                    yt64[g + u4 * tw], yt64[g + u5 * tw], yt64[g + u6 * tw], yt64[g + u7 * tw]))
             for g in range(ngrp):
                 r = p0 + u8 * g
                 out64[r, og] = yt64[g]
@@ -295,8 +319,7 @@ def _pw_tiles(x, P, p_start, ntiles, tptr, tchunks, trows, dptr, drows, dw, bias
 
 
 @kernel()
-def _pw_range(x, P, p0, p1, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
-              out, out32, xt, acc16, acc32, yt):
+def _pw_range(x, P, p0, p1, lists, rq, out, out32, scratch):
     """Pixels [p0, p1), p0 a multiple of TILE, p1 a multiple of TILE or P: 128-pixel tiles, but
     a tail of <= 64 pixels (e.g. 7x7 = 49) takes a 64-pixel tile (a 128 one would waste 62%)."""
     n = (p1 - p0) // TILE
@@ -305,84 +328,55 @@ def _pw_range(x, P, p0, p1, tptr, tchunks, trows, dptr, drows, dw, bias, mult, z
         n += 1
         r = 0
     if n > 0:
-        _pw_tiles(x, P, p0, n, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
-                  compl, out, out32, xt, acc16, acc32, yt, 128)
+        _pw_tiles(x, P, p0, n, lists, rq, out, out32, scratch, 128)
     if r > 0:       # ntiles = 1 as a runtime value: a literal 1 would compile another copy
-        _pw_tiles(x, P, p0 + n * TILE, (r + 63) // 64, tptr, tchunks, trows, dptr, drows, dw, bias,
-                  mult, zph, lo, hi, compl, out, out32, xt, acc16, acc32, yt, 64)
+        _pw_tiles(x, P, p0 + n * TILE, (r + 63) // 64, lists, rq, out, out32, scratch, 64)
 
 
-@kernel()
-def pw_t2_u8_addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
-                     out, xt, acc16, acc32, yt, work):
-    """x u8[rows, cin_p], ternary index lists (+ dense hybrid rows) -> out u8[rows, cout_p], over
-    pixel ranges work i64[n, 2] (starts multiples of TILE); scratch 1-D (one thread)."""
-    no32 = np.zeros((0, 1), np.int32)
-    for t in range(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, out, no32, xt, acc16, acc32, yt)
-
-
-@kernel(parallel=True)
-def pw_t2_u8_addonly_par(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi,
-                         compl, out, xt, acc16, acc32, yt, work):
-    """pw_t2_u8_addonly, one work range per thread; scratch [threads, ...]."""
-    no32 = np.zeros((0, 1), np.int32)
-    for t in prange(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, out, no32, xt[t], acc16[t], acc32[t], yt[t])
-
-
-@kernel()
-def pw_t2_i32_addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl,
-                      out32, xt, acc16, acc32, yt, work):
-    """Testing aid: pw_t2_u8_addonly's int32 accumulators (bias included) -> out32 i32[rows, cout_p]."""
-    no8 = np.zeros((0, 8), np.uint8)
-    for t in range(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, no8, out32, xt, acc16, acc32, yt)
-
-
-@kernel()
-def pw_i8_u8_plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt, work):
-    """x u8[rows, cin_p], dense int8 rows as (row, weight) lists -> out u8[rows, cout_p], over
-    pixel ranges work i64[n, 2]; scratch 1-D (one thread)."""
-    tptr = np.zeros(dptr.shape[0], np.uint64)       # no ternary rows
-    tchunks = np.zeros((1, 2), np.uint64)
-    trows = np.zeros(1, np.uint16)
-    no32 = np.zeros((0, 1), np.int32)
+@kernel(inline="always")
+def _dense_lists(dptr, drows, dw, work):
+    """Lists of a layer without ternary rows."""
     compl = work.shape[0] < 0       # False, but not a literal (that would compile its own copy)
-    for t in range(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, out, no32, xt, acc16, acc32, yt)
+    return Lists(np.zeros(dptr.shape[0], np.uint64), np.zeros((1, 2), np.uint64),
+                 np.zeros(1, np.uint16), dptr, drows, dw, compl)
 
 
-@kernel(parallel=True)
-def pw_i8_u8_plain_par(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt,
-                       work):
-    """pw_i8_u8_plain, one work range per thread; scratch [threads, ...]."""
-    tptr = np.zeros(dptr.shape[0], np.uint64)
-    tchunks = np.zeros((1, 2), np.uint64)
-    trows = np.zeros(1, np.uint16)
-    no32 = np.zeros((0, 1), np.int32)
-    compl = work.shape[0] < 0
-    for t in prange(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, out, no32, xt[t], acc16[t], acc32[t], yt[t])
+def _drivers(out: str, par: bool):
+    """The add-only and plain drivers `pw_t2_<out>_addonly[_par]`, `pw_i8_<out>_plain[_par]`:
+    x u8[rows, cin_p] -> out u8[rows, cout_p] (out="i32": the int32 accumulators, bias included,
+    a testing aid) over the pixel ranges work i64[n, 2] (starts multiples of TILE). The arguments
+    after x and P: the fields of Lists (plain: only the dense ones), of Requant, out, of Scratch
+    (1-D; par: [threads, ...], range t on a thread of its own with scratch row t), work."""
+    i32 = out == "i32"
+    sfx = "_par" if par else ""
+
+    def addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl, out, xt,
+                acc16, acc32, yt, work):
+        lists = Lists(tptr, tchunks, trows, dptr, drows, dw, compl)
+        outs = (np.zeros((0, 8), np.uint8), out) if i32 else (out, np.zeros((0, 1), np.int32))
+        for t in prange(work.shape[0]):
+            scratch = Scratch(xt[t], acc16[t], acc32[t], yt[t]) if par else Scratch(xt, acc16, acc32, yt)
+            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, lo, hi), outs[0],
+                      outs[1], scratch)
+
+    def plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt, work):
+        lists = _dense_lists(dptr, drows, dw, work)
+        outs = (np.zeros((0, 8), np.uint8), out) if i32 else (out, np.zeros((0, 1), np.int32))
+        for t in prange(work.shape[0]):
+            scratch = Scratch(xt[t], acc16[t], acc32[t], yt[t]) if par else Scratch(xt, acc16, acc32, yt)
+            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, lo, hi), outs[0],
+                      outs[1], scratch)
+
+    return (variant(addonly, f"pw_t2_{out}_addonly{sfx}", __name__, parallel=par),
+            variant(plain, f"pw_i8_{out}_plain{sfx}", __name__, parallel=par))
 
 
-@kernel()
-def pw_i8_i32_plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out32, xt, acc16, acc32, yt,
-                    work):
-    """Testing aid: pw_i8_u8_plain's int32 accumulators (bias included) -> out32 i32[rows, cout_p]."""
-    tptr = np.zeros(dptr.shape[0], np.uint64)
-    tchunks = np.zeros((1, 2), np.uint64)
-    trows = np.zeros(1, np.uint16)
-    no8 = np.zeros((0, 8), np.uint8)
-    compl = work.shape[0] < 0
-    for t in range(work.shape[0]):
-        _pw_range(x, P, work[t, 0], work[t, 1], tptr, tchunks, trows, dptr, drows, dw, bias, mult,
-                  zph, lo, hi, compl, no8, out32, xt, acc16, acc32, yt)
+pw_t2_u8_addonly, pw_i8_u8_plain = _drivers("u8", False)
+pw_t2_u8_addonly_par, pw_i8_u8_plain_par = _drivers("u8", True)
+pw_t2_i32_addonly, pw_i8_i32_plain = _drivers("i32", False)
+# impl -> (serial, parallel, int32-output serial)
+DRIVERS = {"addonly": (pw_t2_u8_addonly, pw_t2_u8_addonly_par, pw_t2_i32_addonly),
+           "plain": (pw_i8_u8_plain, pw_i8_u8_plain_par, pw_i8_i32_plain)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,12 +431,9 @@ def _check_layer(w, mult, lo, hi):
     w = np.asarray(w)
     if w.ndim != 2 or w.dtype.kind not in "iu":
         raise ValueError(f"w must be a 2-D integer array [Cout, Cin], got {w.dtype} {w.shape}")
-    if w.size and (w.min() < -128 or w.max() > 127):
-        raise ValueError("weights must fit int8")
-    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
-        raise ValueError("multipliers must be finite")
-    if not 0 <= int(lo) <= int(hi) <= 255:
-        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    check_int8(w)
+    check_finite(mult)
+    check_clamp(lo, hi)
     cout, cin = w.shape
     if 2 * pad_to(cin, CH_ALIGN) + 1 > np.iinfo(np.uint16).max:
         raise ValueError(f"Cin={cin} too large for 16-bit row indices")
@@ -452,9 +443,7 @@ def _check_layer(w, mult, lo, hi):
 def _folded_bias(w, bias, zx):
     """Zero point folded into the bias; the final accumulator is checked to fit int32."""
     bias_f = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
-    bound = 255 * np.abs(w).sum(axis=1) + np.abs(bias_f.astype(np.int64))
-    if np.any(bound > I32_MAX):
-        raise OverflowError("pointwise accumulator may exceed int32")
+    check_headroom(w, bias_f, "pointwise")
     return bias_f.astype(np.int64)
 
 
@@ -502,7 +491,7 @@ class PwPlainPlan:
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)   # scratch, work ranges
 
     def scratch(self, threads: int = 1) -> tuple:
-        """(xt, acc16, acc32, yt) with >= `threads` rows each (see _pw_tiles)."""
+        """(xt, acc16, acc32, yt) with >= `threads` rows each (see Scratch)."""
         s = self._cache.get("scratch")
         if s is None or s[0].shape[0] < threads:
             s = self._cache["scratch"] = _alloc_scratch(self.cin_p, threads)
@@ -510,6 +499,16 @@ class PwPlainPlan:
 
     def _check(self, x, P, out, out_dtype):
         check_pw_buffers(x, P, out, self.cin_p, self.cout_p, out_dtype)
+
+    def _args(self) -> tuple:
+        """The drivers' arguments between P and out (see _drivers), built once."""
+        args = self._cache.get("args")
+        if args is None:
+            rq = (self.bias, self.mult, self.zph, self.lo, self.hi)
+            args = self._cache["args"] = (
+                (self.tptr, self.tchunks, self.trows, self.dptr, self.drows, self.dw, *rq, self.compl)
+                if self.impl == "addonly" else (self.dptr, self.drows, self.dw, *rq))
+        return args
 
     def _work(self, P, parallel=True):
         """Pixel ranges for P pixels. Small layers never ask for the thread count (1 us)."""
@@ -524,28 +523,16 @@ class PwPlainPlan:
 
     def __call__(self, x, P, out):
         """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
-        if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
-                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0
-                or not x.flags.c_contiguous or not out.flags.c_contiguous):
-            self._check(x, P, out, _U8)
+        check_pw_buffers(x, P, out, self.cin_p, self.cout_p, _U8)
         if not P:
             return
         work = self._work(P)
+        serial, par, _ = DRIVERS[self.impl]
         xt, a16, a32, yt = self.scratch(len(work))
-        if self.impl == "addonly":
-            args = (x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows, self.dw,
-                    self.bias, self.mult, self.zph, self.lo, self.hi, self.compl, out)
-            if len(work) == 1:
-                pw_t2_u8_addonly(*args, xt[0], a16[0], a32[0], yt[0], work)
-            else:
-                pw_t2_u8_addonly_par(*args, xt, a16, a32, yt, work)
+        if len(work) == 1:
+            serial(x, P, *self._args(), out, xt[0], a16[0], a32[0], yt[0], work)
         else:
-            args = (x, P, self.dptr, self.drows, self.dw, self.bias, self.mult, self.zph, self.lo,
-                    self.hi, out)
-            if len(work) == 1:
-                pw_i8_u8_plain(*args, xt[0], a16[0], a32[0], yt[0], work)
-            else:
-                pw_i8_u8_plain_par(*args, xt, a16, a32, yt, work)
+            par(x, P, *self._args(), out, xt, a16, a32, yt, work)
 
     def accumulate(self, x, P, acc):
         """Testing aid: int32 accumulators (bias included) of rows [0, P) into acc i32[rows, cout_p]
@@ -555,13 +542,7 @@ class PwPlainPlan:
             return
         work = self._work(P, parallel=False)
         xt, a16, a32, yt = self.scratch()
-        if self.impl == "addonly":
-            pw_t2_i32_addonly(x, P, self.tptr, self.tchunks, self.trows, self.dptr, self.drows,
-                              self.dw, self.bias, self.mult, self.zph, self.lo, self.hi, self.compl,
-                              acc, xt[0], a16[0], a32[0], yt[0], work)
-        else:
-            pw_i8_i32_plain(x, P, self.dptr, self.drows, self.dw, self.bias, self.mult, self.zph,
-                            self.lo, self.hi, acc, xt[0], a16[0], a32[0], yt[0], work)
+        DRIVERS[self.impl][2](x, P, *self._args(), acc, xt[0], a16[0], a32[0], yt[0], work)
 
 
 def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
@@ -599,11 +580,10 @@ def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
 
 
 def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
-    """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.best_pointwise_impl)."""
+    """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.pointwise_kernel)."""
     if impl in ("vnni", "avx2", "amx"):
-        from .vnni import make_pw_vnni     # noqa: PLC0415 (LLVM-IR kernels: only when asked for)
-        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi,
-                            isa={"vnni": "avx512vnni", "avx2": "avx2", "amx": "amx"}[impl])
+        from .vnni import kernel_isa, make_pw_vnni   # noqa: PLC0415 (LLVM-IR kernels: when asked for)
+        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=kernel_isa(impl, np.asarray(w)))
     if impl == "addonly":
         return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi)
     if impl == "plain":

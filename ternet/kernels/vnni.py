@@ -8,7 +8,7 @@ walk all pixels for one block of output channels, so the block's weight stripe s
 avx2i8 widens the weights once, at load, to w i16[Np/16, Kp/4, 2, 16, 2] (see pack_weights).
 
 The tile loops, the K loop and the epilogue are LLVM IR emitted through `numba.extending.intrinsic`
-and inlined into tiny `kernel()` drivers: plain Numba never produces `vpdpbusd` nor keeps a 2-D
+and inlined into tiny drivers, made per ISA by `make_drivers` (serial, parallel, fused add): plain Numba never produces `vpdpbusd` nor keeps a 2-D
 register tile (research/kernels.md 3.3). Accumulators live in entry-block allocas, which LLVM
 promotes to registers. ISAs:
 
@@ -18,8 +18,8 @@ promotes to registers. ISAs:
 * avx2i8: ymm, full-range int8 weights (int8 layers, hybrid layers, the stem's GEMM). The dword
   of 4 activations is split into two int16 pairs (x0, x2) = dword & 0x00FF00FF and (x1, x3) =
   dword >> 8 per 16-bit lane, each `vpmaddwd`-ed against int16 weight pairs: |pair| <= 2*255*128,
-  exact in int32, no saturation anywhere; 4 px x 16 oc. make_pw_vnni(isa="avx2") picks it for
-  non-ternary weights.
+  exact in int32, no saturation anywhere; 4 px x 16 oc. The "avx2" family runs ternary layers on
+  avx2 and other layers on avx2i8 (`kernel_isa`, `FAMILY_ISAS`).
 * emu512: portable IR with vpdpbusd's exact semantics and the avx512vnni tiling, so the tiling
   and epilogue are tested on CPUs without AVX-512. Slow; never chosen for inference.
 
@@ -32,36 +32,41 @@ RuntimeError at that point, before any code is generated).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from llvmlite import binding as llb
 from numba import prange, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from .. import quant
 from . import cpu
-from ._jit import kernel, num_threads
-from .layout import CH_ALIGN, ROW_SLACK, check_pw_buffers, pad_to
+from . import irgen as ig
+from ._jit import num_threads
+from .irgen import const, dpbusd, f32, i8, i16, i32, i64, splat, x86
+from .layout import CH_ALIGN, ROW_SLACK, aligned, check_pw_buffers, pad_to
+from .limits import POINTWISE_PAR_MIN_MACS as PAR_MIN_MACS
+from .limits import check_clamp, check_finite, check_headroom, check_int8
+from .variants import variant
 
 PANEL_BYTES = 1 << 15      # input + output bytes of a pixel panel (see _Emitter.chunk)
-PAR_MIN_MACS = 1 << 22   # smaller layers run serially: a parallel region costs more than it saves
-I32_MAX = 2**31 - 1
 _U8 = np.dtype(np.uint8)
-
-_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
 @dataclasses.dataclass(frozen=True)
 class Isa:
     name: str
+    impl: str             # its kernel family: a cpu.IMPLS name (or a test-only emulation)
+    driver: str           # its drivers' name; _par, _add, _add_par for the other variants
     lanes: int            # int32 lanes per vector register
     npix: int             # pixels per main tile
     nblk: int             # 16-channel blocks per main tile
     heights: tuple        # tile heights for the pixel tail, ascending, last == npix
     kgroup: int = 0       # K steps summed in int16 before widening (0: products go to int32)
     wbytes: int = 1       # bytes per prepared weight (2: avx2i8's int16 pairs)
+    ternary_only: bool = False    # its kernel is exact for weights in {-1, 0, 1} only
 
 
 # Register budget: avx512 12 zmm accumulators + 2 weight + 1 broadcast of 32; avx2 8 ymm int16
@@ -70,110 +75,69 @@ class Isa:
 # Zen 3 over the 14 MobileNetV2 shapes, avx2i8's 4 px x 16 oc beat 6x16, 5x16, 3x32 and 4x32 by
 # 2-6% and 2x32 by 20%.
 ISAS = {
-    "avx512vnni": Isa("avx512vnni", 16, 6, 2, (2, 4, 6)),
-    "avx2": Isa("avx2", 8, 4, 1, (2, 4), kgroup=64),
-    "avx2i8": Isa("avx2i8", 8, 4, 1, (2, 4), wbytes=2),
-    "emu512": Isa("emu512", 16, 6, 2, (2, 4, 6)),
+    "avx512vnni": Isa("avx512vnni", "vnni", "pw_i8_u8_vnni", 16, 6, 2, (2, 4, 6)),
+    "avx2": Isa("avx2", "avx2", "pw_t2_u8_avx2", 8, 4, 1, (2, 4), kgroup=64, ternary_only=True),
+    "avx2i8": Isa("avx2i8", "avx2", "pw_i8_u8_avx2", 8, 4, 1, (2, 4), wbytes=2),
+    "emu512": Isa("emu512", "emu512", "pw_i8_u8_emu512", 16, 6, 2, (2, 4, 6)),
     # AMX-INT8 (amx.py): 16-pixel x 64-channel tiles; its chunks' tail pixels run avx512vnni
-    "amx": Isa("amx", 16, 16, 4, (16,)),
-    "emuamx": Isa("emuamx", 16, 16, 4, (16,)),      # amx emulated (tests)
+    "amx": Isa("amx", "amx", "pw_i8_u8_amx", 16, 16, 4, (16,)),
+    "emuamx": Isa("emuamx", "emuamx", "pw_i8_u8_emuamx", 16, 16, 4, (16,)),   # amx emulated (tests)
 }
-IMPL_OF = {"avx512vnni": "vnni", "avx2": "avx2", "avx2i8": "avx2", "emu512": "emu512", "amx": "amx",
-           "emuamx": "emuamx"}
+_VARIANT = {name: i for i, name in enumerate(ISAS)}     # the literal the drivers pass to _chunk
+# kernel family (cpu.IMPLS) -> (ISA for ternary weights, ISA for int8 weights)
+FAMILY_ISAS = {"vnni": ("avx512vnni", "avx512vnni"), "avx2": ("avx2", "avx2i8"), "amx": ("amx", "amx")}
+
+
+def kernel_isa(name: str, w) -> str:
+    """The ISA that runs weights w (int [Cout, Cin]) when `name` is asked for: a kernel family of
+    FAMILY_ISAS (vnni, avx2, amx) by the weights' kind; an ISA whose kernel is ternary-only (avx2:
+    `vpmaddubsw` would saturate int16 pair sums of int8 weights) its family's int8 ISA (avx2i8)
+    for other weights; any other ISA itself."""
+    ternary = w.size == 0 or (w.min() >= -1 and w.max() <= 1)
+    if name in FAMILY_ISAS:
+        return FAMILY_ISAS[name][0 if ternary else 1]
+    if name in ISAS and ISAS[name].ternary_only and not ternary:
+        return FAMILY_ISAS[ISAS[name].impl][1]
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
 # IR emission
 
-def _const(v, ty=_i64):
-    return ir.Constant(ty, v)
-
-
-def _splat(b, scalar, n):
-    vty = ir.VectorType(scalar.type, n)
-    v = b.insert_element(ir.Constant(vty, ir.Undefined), scalar, _const(0, _i32))
-    return b.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
-
-
-def _x86(b, name, ret, argtys):
-    """Declare (once per module) an LLVM intrinsic by its full name."""
-    return b.module.declare_intrinsic(name, fnty=ir.FunctionType(ret, argtys))
-
-
-def dpbusd(b, acc, a, w, native: bool):
-    """<16 x i32> acc + per lane the sum of its 4 products u8(a byte) * s8(w byte), a and w any
-    512-bit vectors: `vpdpbusd` (native; never the saturating vpdpbusds), else the same exact,
-    wrapping int32 arithmetic in portable IR (emulation on CPUs without AVX512-VNNI)."""
-    v16i32, v64i8 = ir.VectorType(_i32, 16), ir.VectorType(_i8, 64)
-    if native:
-        # LLVM >= 22 types the byte operands as <64 x i8>; older versions use <16 x i32>
-        # (which LLVM 22 still auto-upgrades).
-        opty = v64i8 if llb.llvm_version_info >= (22,) else v16i32
-        fn = _x86(b, "llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32, opty, opty])
-        return b.call(fn, [acc, b.bitcast(a, opty), b.bitcast(w, opty)])
-    return b.call(_emu_dpbusd(b.module), [acc, b.bitcast(a, v64i8), b.bitcast(w, v64i8)])
-
-
-def _emu_dpbusd(module):
-    """The portable vpdpbusd as one noinline function per module: inlined at every call site of a
-    register-tiled kernel, the widened 64-lane arithmetic took LLVM minutes to compile."""
-    name = "ternet_emu_dpbusd"
-    if name in module.globals:
-        return module.globals[name]
-    v16i32, v64i8, v64i32 = ir.VectorType(_i32, 16), ir.VectorType(_i8, 64), ir.VectorType(_i32, 64)
-    fn = ir.Function(module, ir.FunctionType(v16i32, [v16i32, v64i8, v64i8]), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    b = ir.IRBuilder(fn.append_basic_block())
-    acc, a, w = fn.args
-    prod = b.mul(b.zext(a, v64i32), b.sext(w, v64i32))
-    undef = ir.Constant(v64i32, ir.Undefined)
-    for k in range(4):
-        lanes = ir.Constant(ir.VectorType(_i32, 16), [4 * l + k for l in range(16)])
-        acc = b.add(acc, b.shuffle_vector(prod, undef, lanes))
-    b.ret(acc)
-    return fn
-
-
 class _Emitter:
     """Emits one work chunk, row c of chunks: pixels [p0, p1) x output channels [o0, o1) (multiples
     of 16)."""
 
-    def __init__(self, context, builder, isa: Isa, sig, args, panel_bytes):
+    def __init__(self, context, builder, isa: Isa, layer, add, c, panel_bytes):
+        """layer: the driver's arguments (a PwLayer `Record`), add: the fused residual add's (a PwAdd
+        `Record`) or None, c: the chunk's row."""
         self.b, self.isa, self.ctx, self.panel_bytes = builder, isa, context, panel_bytes
-        x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c = args[:11]
-        t = sig.args
-        self.x, self.xs = self._array(t[0], x)
-        self.w, self.ws = self._array(t[1], w)         # ws: bytes between 16-channel blocks
-        self.bias, _ = self._array(t[2], bias)
-        self.mult, _ = self._array(t[3], mult)
-        self.out, self.os = self._array(t[7], out)
-        self.acc_out = t[7].dtype == types.int32       # int32 accumulators (tests) instead of u8
-        ch, ch_stride = self._array(t[9], chunks)       # this chunk: row c = (p0, p1, o0, o1)
+        t = layer.types
+        self.x, self.xs = ig.array(context, builder, t.x, layer.x)
+        self.w, self.ws = ig.array(context, builder, t.w, layer.w)      # ws: bytes between 16-channel blocks
+        self.bias, _ = ig.array(context, builder, t.bias, layer.bias)
+        self.mult, _ = ig.array(context, builder, t.mult, layer.mult)
+        self.out, self.os = ig.array(context, builder, t.out, layer.out)
+        self.acc_out = t.out.dtype == types.int32       # int32 accumulators (tests) instead of u8
+        ch, ch_stride = ig.array(context, builder, t.chunks, layer.chunks)  # row c = (p0, p1, o0, o1)
         row = builder.gep(ch, [builder.mul(c, ch_stride)])
-        self.p0, self.p1, self.o0, self.o1 = (builder.load(self._ptr(row, _const(8 * k), _i64))
+        self.p0, self.p1, self.o0, self.o1 = (builder.load(self._ptr(row, const(8 * k), i64))
                                               for k in range(4))
-        self.nkb = nkb
+        self.nkb = layer.nkb
         n = isa.lanes
-        self.vi, self.vf = ir.VectorType(_i32, n), ir.VectorType(_f32, n)
-        self.vnarrow = ir.VectorType(_i16, 2 * n)       # avx2's int16 partial sums
-        self.zph, self.lo, self.hi = (_splat(builder, v, n) for v in (zph, lo, hi))
+        self.vi, self.vf = ig.vec(i32, n), ig.vec(f32, n)
+        self.vnarrow = ig.vec(i16, 2 * n)       # avx2's int16 partial sums
+        self.zph, self.lo, self.hi = (splat(builder, v, n) for v in (layer.zph, layer.lo, layer.hi))
         # fused residual add (quant.add_ref) after the requantization, see _add_residual
-        self.fused = len(args) > 11
+        self.fused = add is not None
         if self.fused:
-            res, zr, mr, zq, mq, zph2, lo2, hi2 = args[11:]
-            self.res, self.rstride = self._array(t[11], res)
-            self.zr = _splat(builder, zr, n)
+            self.res, self.rstride = ig.array(context, builder, add.types.res, add.res)
+            self.zr = splat(builder, add.zr, n)
             self.mr, self.zq, self.mq, self.zph2, self.lo2, self.hi2 = (
-                _splat(builder, v, n) for v in (mr, zq, mq, zph2, lo2, hi2))
-
-    def _array(self, ty, val):
-        """(i8* data, byte stride of the first axis)"""
-        a = self.ctx.make_array(ty)(self.ctx, self.b, val)
-        return self.b.bitcast(a.data, _i8.as_pointer()), cgutils.unpack_tuple(self.b, a.strides, ty.ndim)[0]
+                splat(builder, v, n) for v in (add.mr, add.zq, add.mq, add.zph, add.lo, add.hi))
 
     def _ptr(self, base, off, ty):
-        return self.b.bitcast(self.b.gep(base, [off]), ty.as_pointer())
+        return ig.ptr(self.b, base, off, ty)
 
     def chunk(self):
         # Pixel panels sized so a panel's input and output rows stay in L1/L2 across the passes
@@ -181,21 +145,21 @@ class _Emitter:
         # without panels a 112x112 layer re-fetches its 1.2 MB output once per block). No
         # measurable effect on Zen 3's 512 KiB L2 at these shapes; it bounds the worst case.
         b, npix, step = self.b, self.isa.npix, 16 * self.isa.nblk
-        panel = b.udiv(_const(self.panel_bytes), b.add(self.xs, self.os))
-        panel = b.mul(b.udiv(b.add(panel, _const(npix)), _const(npix)), _const(npix))  # >= npix
-        o_main = b.add(self.o0, b.mul(b.udiv(b.sub(self.o1, self.o0), _const(step)), _const(step)))
+        panel = b.udiv(const(self.panel_bytes), b.add(self.xs, self.os))
+        panel = b.mul(b.udiv(b.add(panel, const(npix)), const(npix)), const(npix))  # >= npix
+        o_main = b.add(self.o0, b.mul(b.udiv(b.sub(self.o1, self.o0), const(step)), const(step)))
         with cgutils.for_range_slice(b, self.p0, self.p1, panel) as (pp, _):
             pe = b.add(pp, panel)
             pe = b.select(b.icmp_unsigned("<", pe, self.p1), pe, self.p1)
-            with cgutils.for_range_slice(b, self.o0, o_main, _const(step)) as (ob, _):
+            with cgutils.for_range_slice(b, self.o0, o_main, const(step)) as (ob, _):
                 self._rows(ob, self.isa.nblk, pp, pe)
-            with cgutils.for_range_slice(b, o_main, self.o1, _const(16)) as (ob, _):  # < nblk left
+            with cgutils.for_range_slice(b, o_main, self.o1, const(16)) as (ob, _):  # < nblk left
                 self._rows(ob, 1, pp, pe)
 
     def _rows(self, ob, nb, p0, p1):
         b, npix = self.b, self.isa.npix
-        p_main = b.add(p0, b.mul(b.udiv(b.sub(p1, p0), _const(npix)), _const(npix)))
-        with cgutils.for_range_slice(b, p0, p_main, _const(npix)) as (pt, _):
+        p_main = b.add(p0, b.mul(b.udiv(b.sub(p1, p0), const(npix)), const(npix)))
+        with cgutils.for_range_slice(b, p0, p_main, const(npix)) as (pt, _):
             self._tile(pt, ob, npix, nb)
         # Tail of r < npix pixels: the smallest tile >= r; it computes at most one row past P,
         # which the ROW_SLACK contract allows (reads and garbage writes in [P, P + 8)).
@@ -204,40 +168,40 @@ class _Emitter:
         def tail(hs):
             if len(hs) == 1:
                 return self._tile(p_main, ob, hs[0], nb)
-            with b.if_else(b.icmp_unsigned("<=", r, _const(hs[0]))) as (small, big):
+            with b.if_else(b.icmp_unsigned("<=", r, const(hs[0]))) as (small, big):
                 with small:
                     self._tile(p_main, ob, hs[0], nb)
                 with big:
                     tail(hs[1:])
 
-        with b.if_then(b.icmp_unsigned(">", r, _const(0))):
+        with b.if_then(b.icmp_unsigned(">", r, const(0))):
             tail(self.isa.heights)
 
     def _tile(self, pt, ob, h, nb):
         """h pixels x nb*16 output channels: K loop into int32 registers, then the epilogue."""
         b, n = self.b, self.isa.lanes
         nvec = nb * 16 // n
-        chan = [b.add(ob, _const(j * n)) for j in range(nvec)]            # first channel of vector j
-        wblk = b.mul(b.udiv(ob, _const(16)), self.ws)
-        wofs = [b.add(wblk, b.add(b.mul(_const(j * n // 16), self.ws), _const(j % (16 // n) * 4 * n)))
+        chan = [b.add(ob, const(j * n)) for j in range(nvec)]            # first channel of vector j
+        wblk = b.mul(b.udiv(ob, const(16)), self.ws)
+        wofs = [b.add(wblk, b.add(b.mul(const(j * n // 16), self.ws), const(j % (16 // n) * 4 * n)))
                 for j in range(nvec)]
         i8 = self.isa.name == "avx2i8"
         kbytes = 64 * self.isa.wbytes                 # weight bytes of one K step of a 16-oc block
         xrow = b.mul(pt, self.xs)
-        bias = [b.load(self._ptr(self.bias, b.mul(c, _const(4)), self.vi), align=1) for c in chan]
+        bias = [b.load(self._ptr(self.bias, b.mul(c, const(4)), self.vi), align=1) for c in chan]
 
         def k_steps(start, stop, acc):      # acc[i][j] += products of K steps [start, stop)
-            with cgutils.for_range_slice(b, start, stop, _const(1)) as (kb, _):
-                kb4 = b.mul(kb, _const(4))
-                wk = b.mul(kb, _const(kbytes))
+            with cgutils.for_range_slice(b, start, stop, const(1)) as (kb, _):
+                kb4 = b.mul(kb, const(4))
+                wk = b.mul(kb, const(kbytes))
                 wv = [b.load(self._ptr(self.w, b.add(wo, wk), self.vi), align=1) for wo in wofs]
                 if i8:     # second vector of each j: the (x1, x3) weight pairs, 64 bytes on
-                    wv = [(v, b.load(self._ptr(self.w, b.add(b.add(wo, wk), _const(64)), self.vi),
+                    wv = [(v, b.load(self._ptr(self.w, b.add(b.add(wo, wk), const(64)), self.vi),
                                      align=1)) for v, wo in zip(wv, wofs)]
                 xk = b.add(xrow, kb4)
                 for i in range(h):
-                    dword = b.load(self._ptr(self.x, b.add(xk, b.mul(_const(i), self.xs)), _i32), align=1)
-                    av = _splat(b, dword, n)
+                    dword = b.load(self._ptr(self.x, b.add(xk, b.mul(const(i), self.xs)), i32), align=1)
+                    av = splat(b, dword, n)
                     if i8:
                         av = self._pairs(av)
                     for j in range(nvec):
@@ -253,7 +217,7 @@ class _Emitter:
         # stack around every widening; now the K loop of a layer with <= 256 input channels (one
         # group: all expand layers) holds only the int16 ones.
         if self.isa.kgroup:
-            g = _const(self.isa.kgroup)
+            g = const(self.isa.kgroup)
             accs = [[cgutils.alloca_once(b, self.vi) for _ in range(nvec)] for _ in range(h)]
 
             def group(k0, first):
@@ -266,23 +230,23 @@ class _Emitter:
                         base = bias[j] if first else b.load(accs[i][j])
                         b.store(self._widen(base, b.load(narrow[i][j])), accs[i][j])
 
-            group(_const(0), True)
+            group(const(0), True)
             with cgutils.for_range_slice(b, g, self.nkb, g) as (k0, _):
                 group(k0, False)
         else:
             # The int32 accumulators start at the bias (saves an add per output vector).
             accs = self._accumulators(self.vi, h, bias)
-            k_steps(_const(0), self.nkb, accs)
+            k_steps(const(0), self.nkb, accs)
         # Epilogue, per quant.requant_ref: float32(acc) * m, then + (zp + 0.5) as a separate add
         # (no contraction flags: an FMA would round once and differ), clamp to [lo, hi], floor.
         # After the clamp 0 <= lo <= v <= hi <= 255, so floor + narrowing is exactly fptoui to i8,
         # which LLVM lowers to cvttps2dq + pack (vpmovdb) with no rounding or masking steps.
         mult = self._multipliers(chan)
         for i in range(h):
-            self._store_row(b.add(pt, _const(i)), chan, [b.load(a) for a in accs[i]], mult)
+            self._store_row(b.add(pt, const(i)), chan, [b.load(a) for a in accs[i]], mult)
 
     def _multipliers(self, chan):
-        return [self.b.load(self._ptr(self.mult, self.b.mul(c, _const(4)), self.vf), align=1)
+        return [self.b.load(self._ptr(self.mult, self.b.mul(c, const(4)), self.vf), align=1)
                 for c in chan]
 
     def _store_row(self, row, chan, accs, mult):
@@ -292,17 +256,17 @@ class _Emitter:
         orow = b.mul(row, self.os)
         if self.acc_out:
             for acc, c in zip(accs, chan):
-                b.store(acc, self._ptr(self.out, b.add(orow, b.mul(c, _const(4))), self.vi), align=1)
+                b.store(acc, self._ptr(self.out, b.add(orow, b.mul(c, const(4))), self.vi), align=1)
             return
         vals = [self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), m), self.zph))
                 for acc, m in zip(accs, mult)]
         if self.fused:
             vals = [self._add_residual(v, row, c) for v, c in zip(vals, chan)]
-        qs = [b.fptoui(v, ir.VectorType(_i8, n)) for v in vals]
+        qs = [b.fptoui(v, ir.VectorType(i8, n)) for v in vals]
         sub = 16 // n
         for j in range(0, len(qs), sub):       # one 16-byte store per 16 channels
             q = qs[j] if sub == 1 else b.shuffle_vector(
-                qs[j], qs[j + 1], ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+                qs[j], qs[j + 1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
             b.store(q, self._ptr(self.out, b.add(orow, chan[j]), q.type), align=1)
 
     def _clamp(self, v, lo=None, hi=None):
@@ -312,8 +276,8 @@ class _Emitter:
         lo = self.lo if lo is None else lo
         hi = self.hi if hi is None else hi
         if self.isa.name in ("avx2", "avx2i8"):
-            vmax = _x86(b, "llvm.x86.avx.max.ps.256", self.vf, [self.vf, self.vf])
-            vmin = _x86(b, "llvm.x86.avx.min.ps.256", self.vf, [self.vf, self.vf])
+            vmax = x86(b, "llvm.x86.avx.max.ps.256", self.vf, [self.vf, self.vf])
+            vmin = x86(b, "llvm.x86.avx.min.ps.256", self.vf, [self.vf, self.vf])
             return b.call(vmin, [b.call(vmax, [v, lo]), hi])
         v = b.select(b.fcmp_ordered("<", v, lo), lo, v)
         return b.select(b.fcmp_ordered(">", v, hi), hi, v)
@@ -326,7 +290,7 @@ class _Emitter:
         q = b.sitofp(b.fptosi(v, self.vi), self.vf)                 # exact: 0 <= q <= 255
         fq = b.fmul(b.fsub(q, self.zq), self.mq)                    # q - zq exact in float32
         ofs = b.add(b.mul(row, self.rstride), chan)
-        r = b.load(self._ptr(self.res, ofs, ir.VectorType(_i8, n)), align=1)
+        r = b.load(self._ptr(self.res, ofs, ir.VectorType(i8, n)), align=1)
         fr = b.fmul(b.sitofp(b.sub(b.zext(r, self.vi), self.zr), self.vf), self.mr)
         return self._clamp(b.fadd(b.fadd(fr, fq), self.zph2), self.lo2, self.hi2)
 
@@ -342,7 +306,7 @@ class _Emitter:
     def _pairs(self, av):
         """Splat activation dwords (x0, x1, x2, x3) -> int16 pairs ((x0, x2), (x1, x3)) per int32
         lane, zero-extended: a vpand and a vpsrlw, cheaper than shuffling bytes into place."""
-        b, v16 = self.b, ir.VectorType(_i16, 2 * self.isa.lanes)
+        b, v16 = self.b, ir.VectorType(i16, 2 * self.isa.lanes)
         a = b.bitcast(av, v16)
         return (b.and_(a, ir.Constant(v16, [0xFF] * v16.count)),
                 b.lshr(a, ir.Constant(v16, [8] * v16.count)))
@@ -355,256 +319,155 @@ class _Emitter:
         if name == "avx2i8":
             # |x0*w0 + x2*w2| <= 2*255*128 = 65280 per vpmaddwd lane: exact in int32 (vpmaddwd
             # saturates only for two (-32768)*(-32768) products); the adds wrap like vpdpbusd's.
-            madd_wd = _x86(b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
+            madd_wd = x86(b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
             p0, p1 = (b.call(madd_wd, [x, b.bitcast(wv, self.vnarrow)]) for x, wv in zip(a, w))
             return b.add(acc, b.add(p0, p1))
         if name in ("avx512vnni", "emu512"):
             return dpbusd(b, acc, a, w, native=name == "avx512vnni")
         if name == "avx2":
-            v32i8 = ir.VectorType(_i8, 32)
-            madd_ub = _x86(b, "llvm.x86.avx2.pmadd.ub.sw", self.vnarrow, [v32i8, v32i8])  # u8 first
+            v32i8 = ir.VectorType(i8, 32)
+            madd_ub = x86(b, "llvm.x86.avx2.pmadd.ub.sw", self.vnarrow, [v32i8, v32i8])  # u8 first
             pairs = b.call(madd_ub, [b.bitcast(a, v32i8), b.bitcast(w, v32i8)])
             return self._widen(acc, pairs) if acc.type == self.vi else b.add(acc, pairs)
         raise ValueError(f"no multiply-accumulate for isa {name!r}")
 
     def _widen(self, acc, narrow):
         """acc (int32) + adjacent int16 lane pairs of `narrow` (vpmaddwd with ones)."""
-        madd_wd = _x86(self.b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
+        madd_wd = x86(self.b, "llvm.x86.avx2.pmadd.wd", self.vi, [self.vnarrow, self.vnarrow])
         return self.b.add(acc, self.b.call(madd_wd, [narrow, ir.Constant(self.vnarrow, [1] * 16)]))
 
 
-def _chunk_intrinsic(isa: Isa, panel_bytes: int = PANEL_BYTES):
-    @intrinsic
-    def chunk(typingctx, x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c):
-        # Typing runs before any code generation: refuse an ISA numba's target lacks, so a CPU
-        # without it gets an exception instead of an LLVM abort or an illegal instruction.
-        if isa.name in cpu.ISA_FEATURES and not cpu.can_compile(isa.name):
-            raise RuntimeError(f"ternet: this CPU (or numba's target) lacks {isa.name}")
-        sig = types.void(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
-
-        def codegen(context, builder, sig, args):
-            _Emitter(context, builder, isa, sig, args, panel_bytes).chunk()
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return chunk
-
-
-def _chunk_add_intrinsic(isa: Isa, panel_bytes: int = PANEL_BYTES):
-    """_chunk_intrinsic with the residual add fused: extra (res u8[rows, Np] like out, zr i32, mr,
-    zq, mq, zph2, lo2, hi2 f32), out = add_ref(res, zr, mr, requant(acc), zq, mq, ...)."""
-    @intrinsic
-    def chunk(typingctx, x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq,
-              zph2, lo2, hi2):
-        if isa.name in cpu.ISA_FEATURES and not cpu.can_compile(isa.name):
-            raise RuntimeError(f"ternet: this CPU (or numba's target) lacks {isa.name}")
-        sig = types.void(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq,
-                         zph2, lo2, hi2)
-
-        def codegen(context, builder, sig, args):
-            _Emitter(context, builder, isa, sig, args, panel_bytes).chunk()
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return chunk
-
-
-_chunk_vnni = _chunk_intrinsic(ISAS["avx512vnni"])
-_chunk_avx2 = _chunk_intrinsic(ISAS["avx2"])
-_chunk_avx2i8 = _chunk_intrinsic(ISAS["avx2i8"])
-_chunk_emu = _chunk_intrinsic(ISAS["emu512"])
-_chunk_add_vnni = _chunk_add_intrinsic(ISAS["avx512vnni"])
-_chunk_add_avx2 = _chunk_add_intrinsic(ISAS["avx2"])
-_chunk_add_avx2i8 = _chunk_add_intrinsic(ISAS["avx2i8"])
-_chunk_add_emu = _chunk_add_intrinsic(ISAS["emu512"])
 
 
 # ---------------------------------------------------------------------------------------------
-# Drivers: x u8[rows, Kp], w i8[Np/16, Kp/4, 16, 4] (avx2i8: i16[Np/16, Kp/4, 2, 16, 2]),
-# bias i32[Np], mult f32[Np], zph/lo/hi f32,
-# out u8[rows, Np] (int32 for *_i32_*: bias-added accumulators), nkb = K steps of 4 channels,
-# chunks i64[n, 4] = (p0, p1, o0, o1) work items, each output written by exactly one of them.
+# The chunk intrinsics and the drivers
+#
+# Driver arguments: x u8[rows, Kp], w i8[Np/16, Kp/4, 16, 4] (avx2i8: i16[Np/16, Kp/4, 2, 16, 2];
+# amx: Kp rounded up to 64), bias i32[Np], mult f32[Np], zph/lo/hi f32, out u8[rows, Np] (or i32:
+# bias-added accumulators, a testing aid), nkb = K steps of 4 channels, chunks i64[n, 4] =
+# (p0, p1, o0, o1) work items, each output written by exactly one of them. The *_add drivers add
+# res u8[rows, Np], zr i32, mr, zq, mq, zph2, lo2, hi2 f32: out = add_ref(res, zr, mr,
+# requant(acc), zq, mq, zph2, lo2, hi2).
 
-@kernel()
-def pw_i8_u8_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX512-VNNI pointwise: u8[rows, Kp] x i8[Np/16, Kp/4, 16, 4] -> u8[rows, Np], fused requant."""
-    for c in range(chunks.shape[0]):
-        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
-
-
-@kernel(parallel=True)
-def pw_i8_u8_vnni_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """pw_i8_u8_vnni with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
-
-
-@kernel()
-def pw_i8_i32_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX512-VNNI pointwise accumulators: u8[rows, Kp] x i8[..] -> i32[rows, Np] (bias added)."""
-    for c in range(chunks.shape[0]):
-        _chunk_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+class PwLayer(NamedTuple):
+    """The drivers' arguments, as one record for the chunk intrinsics."""
+    x: object
+    w: object
+    bias: object
+    mult: object
+    zph: object
+    lo: object
+    hi: object
+    out: object
+    nkb: object
+    chunks: object
 
 
-@kernel()
-def pw_t2_u8_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX2 pointwise, ternary weights: u8[rows, Kp] x i8[Np/16, Kp/4, 16, 4] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+class PwAdd(NamedTuple):
+    """The fused residual add's arguments (see make_pw_add)."""
+    res: object
+    zr: object
+    mr: object
+    zq: object
+    mq: object
+    zph: object
+    lo: object
+    hi: object
 
 
-@kernel(parallel=True)
-def pw_t2_u8_avx2_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """pw_t2_u8_avx2 with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+def _chunk_typer(variant_ty, args):
+    """Signature of a chunk intrinsic call. Typing runs before any code generation: refuse an ISA
+    numba's target lacks, so a CPU without it gets an exception instead of an LLVM abort or an
+    illegal instruction."""
+    if not isinstance(variant_ty, types.IntegerLiteral):
+        raise TypingError("_chunk: the variant must be a literal ISA number")
+    name = list(ISAS)[variant_ty.literal_value]
+    if name in cpu.ISA_FEATURES and not cpu.can_compile(name):
+        raise RuntimeError(f"ternet: this CPU (or numba's target) lacks {name}")
+    sig = types.void(*args, variant_ty)
+
+    def codegen(context, builder, sig, args):
+        layer = ig.Record(context, builder, sig.args[0], args[0])
+        add = ig.Record(context, builder, sig.args[1], args[1]) if len(args) == 4 else None
+        c = args[-2]
+        if name in ("amx", "emuamx"):
+            from .amx import AmxEmitter     # noqa: PLC0415 (imports this module)
+            AmxEmitter(context, builder, layer, add, c, PANEL_BYTES, native=name == "amx").chunk()
+        else:
+            _Emitter(context, builder, ISAS[name], layer, add, c, PANEL_BYTES).chunk()
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
-@kernel()
-def pw_t2_i32_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX2 pointwise accumulators, ternary weights: u8[rows, Kp] x i8[..] -> i32[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+@intrinsic
+def _chunk(typingctx, layer, c, variant_ty):
+    """Work chunk c of the layer (a PwLayer) on the kernel of ISA number variant (literal)."""
+    return _chunk_typer(variant_ty, (layer, c))
 
 
-@kernel()
-def pw_i8_u8_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX2 pointwise, int8 weights: u8[rows, Kp] x i16[Np/16, Kp/4, 2, 16, 2] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+@intrinsic
+def _chunk_add(typingctx, layer, add, c, variant_ty):
+    """_chunk with the residual add (a PwAdd) fused into the epilogue."""
+    return _chunk_typer(variant_ty, (layer, add, c))
 
 
-@kernel(parallel=True)
-def pw_i8_u8_avx2_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """pw_i8_u8_avx2 with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+class Drivers(NamedTuple):
+    """One ISA's drivers. `serial` also writes int32 accumulators when given an int32 out (numba
+    compiles that specialisation separately)."""
+    serial: object
+    par: object
+    add: object
+    add_par: object
 
 
-@kernel()
-def pw_i8_i32_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """AVX2 pointwise accumulators, int8 weights: u8[rows, Kp] x i16[..] -> i32[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+def make_drivers(isa: str, module: str = __name__, parallel: bool = True) -> Drivers:
+    """The drivers of isa (named after ISAS[isa].driver, in `module`): each runs the chunks of its
+    work array, serially or over numba's threads (parallel=False: the parallel ones are the
+    serial ones, for ISAs too slow to compile twice)."""
+    v = _VARIANT[isa]
+    base = ISAS[isa].driver
+
+    def make(par):
+        def run(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+            for c in prange(chunks.shape[0]):
+                _chunk(PwLayer(x, w, bias, mult, zph, lo, hi, out, nkb, chunks), c, v)
+
+        def run_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
+                    hi2):
+            for c in prange(chunks.shape[0]):
+                _chunk_add(PwLayer(x, w, bias, mult, zph, lo, hi, out, nkb, chunks),
+                           PwAdd(res, zr, mr, zq, mq, zph2, lo2, hi2), c, v)
+
+        sfx = "_par" if par else ""
+        return (variant(run, base + sfx, module, parallel=par),
+                variant(run_add, base + "_add" + sfx, module, parallel=par))
+
+    serial, add = make(False)
+    par, add_par = make(True) if parallel else (serial, add)
+    return Drivers(serial, par, add, add_par)
 
 
-@kernel()
-def pw_i8_u8_emu512(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """Portable emulation of pw_i8_u8_vnni (same tiling, any CPU): u8[rows, Kp] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
+DRIVERS = {isa: make_drivers(isa) for isa in ("avx512vnni", "avx2", "avx2i8", "emu512")}
+# the drivers by name (tests, cross-compilation checks)
+pw_i8_u8_vnni, pw_i8_u8_vnni_par, pw_i8_u8_vnni_add, pw_i8_u8_vnni_add_par = DRIVERS["avx512vnni"]
+pw_t2_u8_avx2, pw_t2_u8_avx2_par, pw_t2_u8_avx2_add, pw_t2_u8_avx2_add_par = DRIVERS["avx2"]
+pw_i8_u8_avx2, pw_i8_u8_avx2_par, pw_i8_u8_avx2_add, pw_i8_u8_avx2_add_par = DRIVERS["avx2i8"]
+pw_i8_u8_emu512, pw_i8_u8_emu512_par, pw_i8_u8_emu512_add, pw_i8_u8_emu512_add_par = DRIVERS["emu512"]
 
 
-@kernel(parallel=True)
-def pw_i8_u8_emu512_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """pw_i8_u8_emu512 with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
-
-
-@kernel()
-def pw_i8_i32_emu512(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
-    """Portable emulation of pw_i8_i32_vnni: u8[rows, Kp] x i8[..] -> i32[rows, Np] (bias added)."""
-    for c in range(chunks.shape[0]):
-        _chunk_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c)
-
-
-# isa -> (serial u8, parallel u8, serial int32 accumulators)
-DRIVERS = {
-    "avx512vnni": (pw_i8_u8_vnni, pw_i8_u8_vnni_par, pw_i8_i32_vnni),
-    "avx2": (pw_t2_u8_avx2, pw_t2_u8_avx2_par, pw_t2_i32_avx2),
-    "avx2i8": (pw_i8_u8_avx2, pw_i8_u8_avx2_par, pw_i8_i32_avx2),
-    "emu512": (pw_i8_u8_emu512, pw_i8_u8_emu512_par, pw_i8_i32_emu512),
-}
-
-
-@kernel()
-def pw_i8_u8_vnni_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
-                      lo2, hi2):
-    """pw_i8_u8_vnni + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_add_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-
-@kernel(parallel=True)
-def pw_i8_u8_vnni_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
-                  hi2):
-    """pw_i8_u8_vnni_add with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_add_vnni(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-@kernel()
-def pw_t2_u8_avx2_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
-                      lo2, hi2):
-    """pw_t2_u8_avx2 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_add_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-
-@kernel(parallel=True)
-def pw_t2_u8_avx2_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
-                  hi2):
-    """pw_t2_u8_avx2_add with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_add_avx2(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-@kernel()
-def pw_i8_u8_avx2_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
-                      lo2, hi2):
-    """pw_i8_u8_avx2 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_add_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-
-@kernel(parallel=True)
-def pw_i8_u8_avx2_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
-                  hi2):
-    """pw_i8_u8_avx2_add with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_add_avx2i8(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-@kernel()
-def pw_i8_u8_emu512_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
-                        lo2, hi2):
-    """pw_i8_u8_emu512 + residual add fused (see _chunk_add_intrinsic): u8[rows, Kp] -> u8[rows, Np]."""
-    for c in range(chunks.shape[0]):
-        _chunk_add_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-
-@kernel(parallel=True)
-def pw_i8_u8_emu512_add_par(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
-                  hi2):
-    """pw_i8_u8_emu512_add with the chunks spread over numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _chunk_add_emu(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, c, res, zr, mr, zq, mq, zph2, lo2, hi2)
-
-
-# isa -> (serial, parallel) drivers with the residual add fused
-ADD_DRIVERS = {
-    "avx512vnni": (pw_i8_u8_vnni_add, pw_i8_u8_vnni_add_par),
-    "avx2": (pw_t2_u8_avx2_add, pw_t2_u8_avx2_add_par),
-    "avx2i8": (pw_i8_u8_avx2_add, pw_i8_u8_avx2_add_par),
-    "emu512": (pw_i8_u8_emu512_add, pw_i8_u8_emu512_add_par),
-}
-
-
-def _drivers(isa: str) -> tuple:
-    """(serial u8, parallel u8, serial int32) drivers of isa; AMX's are in amx.py, imported on
-    first use."""
+def drivers(isa: str) -> Drivers:
+    """The drivers of isa; AMX's are in amx.py, imported on first use."""
     if isa in ("amx", "emuamx"):
         from . import amx     # noqa: PLC0415
         return amx.DRIVERS[isa]
     return DRIVERS[isa]
 
 
-def _add_drivers(isa: str) -> tuple:
-    """(serial, parallel) drivers of isa with the residual add fused."""
-    if isa in ("amx", "emuamx"):
-        from . import amx     # noqa: PLC0415
-        return amx.ADD_DRIVERS[isa]
-    return ADD_DRIVERS[isa]
+def _drivers(isa: str) -> tuple:
+    """(serial u8, parallel u8, serial int32) drivers of isa: the int32 one is the serial one."""
+    d = drivers(isa)
+    return d.serial, d.par, d.serial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,15 +492,6 @@ def split_work(P: int, cout_p: int, cin_p: int, isa: Isa, threads: int) -> np.nd
     return np.array(rows, np.int64)
 
 
-def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
-    """C-contiguous copy of `a` starting on an `align`-byte boundary (weight vectors = cache lines)."""
-    buf = np.empty(a.nbytes + align, np.uint8)
-    off = -buf.ctypes.data % align
-    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
 def pack_weights(w: np.ndarray, cin_p: int, cout_p: int, wide: bool = False) -> np.ndarray:
     """Canonical i8[Cout, Cin] -> zero-padded i8[Np/16, Kp/4, 16, 4] (16 oc x 4 ic per 64 bytes),
     or for avx2i8 (wide) i16[Np/16, Kp/4, 2, 16, 2]: [blk, k, e, o, h] = w[16 blk + o, 4k + e + 2h],
@@ -645,9 +499,9 @@ def pack_weights(w: np.ndarray, cin_p: int, cout_p: int, wide: bool = False) -> 
     wp = np.zeros((cout_p, cin_p), np.int8)
     wp[:w.shape[0], :w.shape[1]] = w
     if wide:
-        return _aligned(wp.astype(np.int16).reshape(cout_p // 16, 16, cin_p // 4, 2, 2)
+        return aligned(wp.astype(np.int16).reshape(cout_p // 16, 16, cin_p // 4, 2, 2)
                         .transpose(0, 2, 4, 1, 3))
-    return _aligned(wp.reshape(cout_p // 16, 16, cin_p // 4, 4).transpose(0, 2, 1, 3))
+    return aligned(wp.reshape(cout_p // 16, 16, cin_p // 4, 4).transpose(0, 2, 1, 3))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -684,16 +538,13 @@ class PwVnniPlan:
             if isa == "amx" and self.by_size:
                 isa = cpu.pointwise_isa(self.cin, self.cout, P)
             chunks = split_work(P, self.cout_p, self.cin_p, ISAS[isa], threads)
-            serial, par, _ = _drivers(isa)
-            work = self._chunks[key] = isa, (par if len(chunks) > 1 else serial), chunks
+            d = drivers(isa)
+            work = self._chunks[key] = isa, (d.par if len(chunks) > 1 else d.serial), chunks
         return work
 
     def __call__(self, x, P, out):
         """x u8[rows, cin_p], out u8[rows, cout_p], rows >= P + ROW_SLACK: requantized rows [0, P)."""
-        if (x.shape[0] < P + ROW_SLACK or out.shape[0] < P + ROW_SLACK or x.shape[1] != self.cin_p
-                or out.shape[1] != self.cout_p or x.dtype != _U8 or out.dtype != _U8 or P < 0
-                or not x.flags.c_contiguous or not out.flags.c_contiguous):
-            self._check(x, P, out, _U8)
+        check_pw_buffers(x, P, out, self.cin_p, self.cout_p, _U8)
         if P:
             _, driver, chunks = self._work(P)
             driver(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, out, self.nkb, chunks)
@@ -705,43 +556,37 @@ class PwVnniPlan:
             whole = self._chunks.get(("whole", P))
             if whole is None:       # kept: a frozen plan records its memory like any argument
                 whole = self._chunks["whole", P] = np.array([[0, P, 0, self.cout_p]], np.int64)
-            _drivers(self.isa)[2](x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, acc,
-                                  self.nkb, whole)
+            drivers(self.isa).serial(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi,
+                                     acc, self.nkb, whole)
 
 
 def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
                  by_size: bool = True) -> PwVnniPlan:
     """Prepare a pointwise layer for the VNNI/AVX2/AMX micro-kernels from canonical tensors:
     w int8 [Cout, Cin] (ternary = -1/0/1), raw bias int32 [Cout], input zero point zx,
-    mult float32 [Cout], output zero point and clamp bounds (see quant.py). isa="avx2" runs the
-    ternary vpmaddubsw kernel when every weight is in {-1, 0, 1}, else avx2i8 (hybrid layers: all
-    rows int8); isa="avx2i8" forces the int8 kernel. isa="amx": AMX-INT8 where
+    mult float32 [Cout], output zero point and clamp bounds (see quant.py). isa: a key of ISAS or
+    a family of FAMILY_ISAS, resolved for the weights by kernel_isa (avx2: the ternary vpmaddubsw
+    kernel when every weight is in {-1, 0, 1}, else avx2i8; hybrid layers run all rows int8; the
+    plan's `isa` says which). isa="amx": AMX-INT8 where
     cpu.pointwise_isa chooses it for the call's pixel count, else VNNI (by_size=False: always
     AMX, for tests and benchmarks)."""
-    if isa not in ISAS:
+    if isa not in ISAS and isa not in FAMILY_ISAS:
         raise ValueError(f"unknown isa {isa!r}; expected one of {tuple(ISAS)}")
     w = np.asarray(w)
     if w.ndim != 2 or w.dtype.kind not in "iu":
         raise ValueError(f"w must be a 2-D integer array [Cout, Cin], got {w.dtype} {w.shape}")
-    if w.size and (w.min() < -128 or w.max() > 127):
-        raise ValueError("weights must fit int8")
-    if isa == "avx2" and w.size and (w.min() < -1 or w.max() > 1):
-        isa = "avx2i8"      # vpmaddubsw would saturate int16 pair sums: the exact int8 kernel
-    if not np.all(np.isfinite(np.asarray(mult, np.float32))):
-        raise ValueError("multipliers must be finite")
-    if not 0 <= int(lo) <= int(hi) <= 255:
-        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    check_int8(w)
+    isa = kernel_isa(isa, w)
+    check_finite(mult)
+    check_clamp(lo, hi)
     if isa in cpu.ISA_FEATURES and not cpu.can_run(isa):
-        raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.best_pointwise_impl")
+        raise RuntimeError(f"this CPU (or numba's target) lacks {isa}; see cpu.pointwise_kernel")
     if isa == "amx" and not cpu.amx_permission():
         raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl); use vnni")
     cout, cin = w.shape
     w = w.astype(np.int8)
     bias_f = quant.fold_input_zero_point(np.asarray(bias, np.int32), w, zx)
-    # The kernel sums w*x over raw u8 x (zero point folded into the bias): bound the final value.
-    bound = 255 * np.abs(w.astype(np.int64)).sum(axis=1) + np.abs(bias_f.astype(np.int64))
-    if np.any(bound > I32_MAX):
-        raise OverflowError("pointwise accumulator may exceed int32")
+    check_headroom(w, bias_f, "pointwise")
     cin_p, cout_p = pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN)
     biasp = np.zeros(cout_p, np.int32)
     biasp[:cout] = bias_f
@@ -750,7 +595,7 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
     # AMX reads whole 64-channel blocks of weights (VNNI reads only the first cin_p of them)
     wp = pack_weights(w, pad_to(cin, 64) if isa in ("amx", "emuamx") else cin_p, cout_p,
                       wide=ISAS[isa].wbytes == 2)
-    return PwVnniPlan(cin, cout, cin_p, cout_p, IMPL_OF[isa], isa, wp,
+    return PwVnniPlan(cin, cout, cin_p, cout_p, ISAS[isa].impl, isa, wp,
                       biasp, multp, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
                       -(-cin // 4), by_size)
 
@@ -780,8 +625,8 @@ class PwAddPlan:
                              f"got {res.dtype} {res.shape}")
         if P:
             isa, _, chunks = pw._work(P)
-            serial, par = _add_drivers(isa)
-            (par if len(chunks) > 1 else serial)(
+            d = drivers(isa)
+            (d.add_par if len(chunks) > 1 else d.add)(
                 x, pw.w, pw.bias, pw.mult, pw.zph, pw.lo, pw.hi, out, pw.nkb, chunks,
                 res, self.zr, self.mr, self.zq, self.mq, self.zph, self.lo, self.hi)
 
@@ -789,7 +634,6 @@ class PwAddPlan:
 def make_pw_add(pw: PwVnniPlan, zr, mr, zq, mq, zp_out, lo, hi) -> PwAddPlan:
     """Fuse `out = quant.add_ref(res, zr, mr, pw(x), zq, mq, zp_out, lo, hi)` (the residual as
     either operand: the float sum is commutative) into the pointwise plan pw."""
-    if not 0 <= int(lo) <= int(hi) <= 255:
-        raise ValueError(f"clamp bounds must satisfy 0 <= lo <= hi <= 255, got {lo}, {hi}")
+    check_clamp(lo, hi)
     return PwAddPlan(pw, np.int32(zr), np.float32(mr), np.float32(zq), np.float32(mq),
                      quant.zp_bias(zp_out), np.float32(lo), np.float32(hi))

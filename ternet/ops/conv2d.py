@@ -92,7 +92,7 @@ def build(ctx, node):
     if s.cp != s.c:              # reads a channel-padded buffer: zero weights for the padding
         wt = np.pad(wt, ((0, 0), (0, 0), (0, 0), (0, s.cp - s.c)))
     plan = make_conv(wt, b, input_zero_point(ctx.mf, node), mult, zp, lo, hi, node.attrs["stride"],
-                     pt, pl, s.h, s.w, ho, wo, ctx.int8_impl())
+                     pt, pl, s.h, s.w, ho, wo, ctx.conv_kernel())
     return ConvStep(ctx.slot(node.inputs[0]), ctx.slot(node.name), s, plan)
 
 

@@ -49,7 +49,7 @@ def build(ctx, node):
     from ..kernels.elementwise import make_linear
     s_in, zx = value_qparams(ctx.mf, node.inputs[0])
     plan = make_linear(ctx.mf.tensor(node, "weight"), ctx.mf.tensor(node, "bias"), zx, s_in,
-                       ctx.mf.tensor(node, "weight_scale"), ctx.classifier_impl())
+                       ctx.mf.tensor(node, "weight_scale"), ctx.classifier_kernel())
     return LinearStep(ctx.slot(node.inputs[0]), plan)
 
 

@@ -106,7 +106,7 @@ def build(ctx, node):
     mult, zp, lo, hi = requant_params(ctx.mf, node)
     plan = make_pointwise(pointwise_weight(ctx.mf, node), ctx.mf.tensor(node, "bias"),
                           input_zero_point(ctx.mf, node), mult, zp, lo, hi,
-                          ctx.pointwise_impl(node.attrs["weight"]))
+                          ctx.pointwise_kernel(node.attrs["weight"]))
     return PointwiseStep(ctx.slot(node.inputs[0]), ctx.slot(node.name), s, plan)
 
 

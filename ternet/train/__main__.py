@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shlex
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ternet import config
 from ternet.errors import ModelFormatError
 
 from .calibrate import calibrate_ranges, correct_channels
@@ -423,7 +423,7 @@ def main(argv=None):
                    "list; default $TERNET_SHARED_DIR or ../shared beside the checkout)")
     p.add_argument("--cache", help="cache for unpacked data (default $TERNET_TRAIN_CACHE or "
                    "~/.cache/ternet/train)")
-    p.add_argument("--proxy", default=os.environ.get("TERNET_PROXY_DIR"),
+    p.add_argument("--proxy", default=config.get("TERNET_PROXY_DIR"),
                    help="ImageNet-proxy set directory (with index.csv; default $TERNET_PROXY_DIR): "
                         "training, calibration and held-out photos; without it CIFAR-10 is used")
     p.add_argument("--tflite", help="--arch mobilenet_v2: the int8 MobileNetV2 .tflite whose dequantized "

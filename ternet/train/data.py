@@ -19,13 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ternet import config
+
 from .files import InputFileError, load_pt
 
 # Data locations are settings: the project's shared folder (../shared beside the checkout by
 # default; --shared or TERNET_SHARED_DIR) and a cache for unpacked data (--cache or
 # TERNET_TRAIN_CACHE, default the user cache dir). Nothing of a particular machine is hard-coded.
-_SHARED = os.environ.get("TERNET_SHARED_DIR") or str(Path(__file__).resolve().parents[3] / "shared")
-_CACHE = os.environ.get("TERNET_TRAIN_CACHE") or str(
+_SHARED = config.get("TERNET_SHARED_DIR") or str(Path(__file__).resolve().parents[3] / "shared")
+_CACHE = config.get("TERNET_TRAIN_CACHE") or str(
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ternet" / "train")
 
 

@@ -14,7 +14,6 @@ BatchNorm or None). `fold.py` turns that list into folded float layers.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ternet import config
 from ternet.quant import conv_padding
 
 # (repeats, kernel, stride, expand, cin, cout) of EfficientNet-Lite0 (= B0 without SE, ReLU6).
@@ -233,7 +233,7 @@ def set_mbv2_tflite(path: str | None) -> None:
 
 def mbv2_tflite_path() -> Path:
     from .data import shared_path
-    return Path(_mbv2_tflite or os.environ.get("TERNET_MBV2_TFLITE") or shared_path("models", MBV2_TFLITE))
+    return Path(_mbv2_tflite or config.get("TERNET_MBV2_TFLITE") or shared_path("models", MBV2_TFLITE))
 
 
 def build(arch: str) -> nn.Module:
