@@ -12,9 +12,7 @@ import pytest
 
 import ternet
 from ternet import numba_internals, replay
-from ternet.format import read_model
-from ternet.reference import run_reference
-from tiny_model import make_tiny_model
+from replay_fixtures import cache, stored, tiny  # noqa: F401 (fixtures)
 
 pytest.importorskip("llvmlite")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +25,16 @@ def fresh_check():
     numba_internals.reset()
 
 
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TERNET_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("TERNET_REPLAY", "TERNET_FROZEN", "TERNET_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "cache" / "frozen"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("ni") / "tiny.safetensors")
-    x = np.random.default_rng(7).integers(0, 256, (2, 33, 33, 3), dtype=np.uint8)
-    return path, x, run_reference(read_model(path), x)
-
-
-def _stored(cache):
-    return sorted(cache.glob("*.json")) if cache.exists() else []
+# Prelude of the recording tests' subprocesses: `seen` gets, per kernel whose object code the
+# recording asks for, whether numba still held it (compiled or kept by ternet).
+_SPY = ("from ternet import numba_internals as ni\n"
+        "seen, orig = [], ni.object_code\n"
+        "def spy(cres):\n"
+        "    lib = cres.library\n"
+        "    seen.append(bool(getattr(lib, '_compiled_object', None)\n"
+        "                     or getattr(lib, '_ternet_object', None)))\n"
+        "    return orig(cres)\n"
+        "ni.object_code = spy\n")
 
 
 def _keeps(hook) -> bool:
@@ -120,14 +111,7 @@ def test_recording_uses_the_object_code_kept_while_the_kernels_loaded(tiny, tmp_
     _run(warm, path, TERNET_REPLAY="0")                          # numba's cache is warm now
     code = (
         "import sys, numpy as np, ternet\n"
-        "from ternet import numba_internals as ni\n"
-        "seen, orig = [], ni.object_code\n"
-        "def spy(cres):\n"
-        "    lib = cres.library\n"
-        "    seen.append(bool(getattr(lib, '_compiled_object', None)\n"
-        "                     or getattr(lib, '_ternet_object', None)))\n"
-        "    return orig(cres)\n"
-        "ni.object_code = spy\n"
+        + _SPY +
         "m = ternet.load(sys.argv[1])\n"
         "m.predict(np.zeros((1,) + m.input_shape, np.uint8))\n"
         "assert m.replay_ready(1) and seen and all(seen), seen\n"
@@ -144,14 +128,7 @@ def test_recording_after_the_kernels_loaded_outside_the_context(tiny, tmp_path):
     np.save(tmp_path / "x.npy", x[:1])
     code = (
         "import os, sys, numpy as np, ternet\n"
-        "from ternet import numba_internals as ni\n"
-        "seen, orig = [], ni.object_code\n"
-        "def spy(cres):\n"
-        "    lib = cres.library\n"
-        "    seen.append(bool(getattr(lib, '_compiled_object', None)\n"
-        "                     or getattr(lib, '_ternet_object', None)))\n"
-        "    return orig(cres)\n"
-        "ni.object_code = spy\n"
+        + _SPY +
         "x = np.load(sys.argv[2])\n"
         "m = ternet.load(sys.argv[1])\n"
         "os.environ['TERNET_REPLAY'] = '0'\n"
@@ -185,11 +162,11 @@ def test_changed_record_internals_turn_replays_off(tiny, cache, monkeypatch, cap
     m = ternet.load(path)
     np.testing.assert_array_equal(m.predict(x[:1]), ref[:1])
     np.testing.assert_array_equal(m.predict(x), ref)
-    assert _stored(cache) == [] and not m.replay_ready(1)
+    assert stored(cache) == [] and not m.replay_ready(1)
     assert "_object_getbuffer_hook" in numba_internals.replays_off()
     assert not replay.enabled("auto")
     np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])
-    assert _stored(cache) == []
+    assert stored(cache) == []
     assert capsys.readouterr().err == ""
 
 
@@ -199,7 +176,7 @@ def test_changed_replay_internals_leave_stored_replays_unused(tiny, cache, monke
     and with TERNET_DEBUG=1 one note says why, once."""
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])                              # recorded
-    (meta,) = _stored(cache)
+    (meta,) = stored(cache)
     os.utime(meta, ns=(0, 0))                                     # loading would renew this
     monkeypatch.setattr(numba_internals, "_HELPERLIB", "_helperlib_renamed*.so")
     numba_internals.reset()                                       # a fresh process, as it were
@@ -209,7 +186,7 @@ def test_changed_replay_internals_leave_stored_replays_unused(tiny, cache, monke
         assert not m.replay_ready(1)
         np.testing.assert_array_equal(m.predict(x[:1]), ref[:1])
         np.testing.assert_array_equal(m.predict(x), ref)
-    assert _stored(cache) == [meta] and meta.stat().st_mtime_ns == 0
+    assert stored(cache) == [meta] and meta.stat().st_mtime_ns == 0
     err = capsys.readouterr().err
     assert err.count("ternet: numba's internals are not what ternet expects") == 1, err
     assert "_helperlib_renamed" in err and len(err.splitlines()) == 1
@@ -218,7 +195,7 @@ def test_changed_replay_internals_leave_stored_replays_unused(tiny, cache, monke
 def test_unusable_c_helpers_turn_replays_off(tiny, cache, monkeypatch):
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])                              # recorded
-    (meta,) = _stored(cache)
+    (meta,) = stored(cache)
     monkeypatch.setitem(sys.modules, "numba._helperlib", types.SimpleNamespace())
     monkeypatch.setattr(replay, "_HELPERS_DONE", False)
     with pytest.raises(replay.ReplayError, match="C helpers"):

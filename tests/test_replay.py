@@ -15,30 +15,11 @@ from ternet import replay
 from ternet.errors import SettingError
 from ternet.format import read_model
 from ternet.reference import run_reference
+from replay_fixtures import cache, stored, tiny  # noqa: F401 (fixtures)
 from tiny_model import make_tiny_model
 
 pytest.importorskip("llvmlite")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TERNET_CACHE_DIR", str(tmp_path / "cache"))
-    for name in ("TERNET_REPLAY", "TERNET_FROZEN",
-                 "TERNET_REPLAY_CACHE_MB", "TERNET_PLAN_CACHE_MB"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "cache" / "frozen"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("fz") / "tiny.safetensors")
-    x = np.random.default_rng(5).integers(0, 256, (3, 33, 33, 3), dtype=np.uint8)
-    return path, x, run_reference(read_model(path), x)
-
-
-def _stored(cache):
-    return sorted(cache.glob("*.json")) if cache.exists() else []
 
 
 @pytest.mark.parametrize("kernels", ["auto", "addonly", "plain"])
@@ -46,7 +27,7 @@ def test_replay_equals_numba_and_reference(tiny, cache, kernels):
     path, x, ref = tiny
     m = ternet.load(path, kernels=kernels)
     first = m.predict(x[:1])                      # numba, then recorded (and verified)
-    assert len(_stored(cache)) == 1 and m.replay_ready(1) and not m.replay_ready(2)
+    assert len(stored(cache)) == 1 and m.replay_ready(1) and not m.replay_ready(2)
     again = m.predict(x[:1])                      # replayed
     np.testing.assert_array_equal(first, ref[:1])
     np.testing.assert_array_equal(again, ref[:1])
@@ -55,7 +36,7 @@ def test_replay_equals_numba_and_reference(tiny, cache, kernels):
     for i in range(len(x)):
         np.testing.assert_array_equal(m2.predict(x[i:i + 1]), ref[i:i + 1])
     np.testing.assert_array_equal(m2.predict(x), ref)         # batch of 3: its own replay
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
 
 
 def _wide_model(path):
@@ -88,8 +69,8 @@ def test_amx_and_avx512_kernels_replay(cache, tmp_path):
     m = ternet.load(path)
     np.testing.assert_array_equal(m.predict(x), ref)
     np.testing.assert_array_equal(m.predict(x), ref)              # replayed
-    (stored,) = _stored(cache)
-    amx = [k["name"] for k in json.loads(stored.read_text())["kernels"] if k.get("amx")]
+    (meta,) = stored(cache)
+    amx = [k["name"] for k in json.loads(meta.read_text())["kernels"] if k.get("amx")]
     assert bool(amx) == cpu.has_amx()
     code = ("import numpy as np, sys, ternet\n"
             f"m = ternet.load({str(path)!r})\n"
@@ -118,9 +99,9 @@ def test_amx_refused_falls_back(cache, tmp_path, monkeypatch):
         vnni.make_pw_vnni(np.ones((4, 64), np.int8), np.zeros(4, np.int32), 0,
                           np.ones(4, np.float32), 0, 0, 255, isa="amx")
     if had_amx:
-        (stored,) = _stored(cache)
+        (meta,) = stored(cache)
         with pytest.raises(replay.ReplayError, match="AMX"):
-            replay.load(stored.stem)
+            replay.load(meta.stem)
     np.testing.assert_array_equal(ternet.load(path).predict(x), ref)
 
 
@@ -141,7 +122,7 @@ def test_fresh_process_does_not_import_numba(tiny, cache):
 def test_corrupt_replay_is_ignored_and_rerecorded(tiny, cache):
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])
-    (meta,) = _stored(cache)
+    (meta,) = stored(cache)
     blob = meta.with_suffix(".bin")
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -159,7 +140,7 @@ def test_model_change_invalidates(tiny, cache, tmp_path):
     ternet.load(path).predict(x[:1])
     ref2 = run_reference(read_model(p2), x[:1])
     np.testing.assert_array_equal(ternet.load(p2).predict(x[:1]), ref2)
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
     d1, d2 = replay.model_digest(path), replay.model_digest(p2)
     assert replay.replay_key(d1, "auto", 1) != replay.replay_key(d2, "auto", 1)
     assert replay.replay_key(d1, "auto", 1) != replay.replay_key(d1, "addonly", 1)
@@ -170,10 +151,10 @@ def test_disabled_and_threads(tiny, cache, monkeypatch, name):
     """2 threads on one image, TERNET_REPLAY=0 or its former name TERNET_FROZEN=0: numba only."""
     path, x, ref = tiny
     np.testing.assert_array_equal(ternet.load(path, threads=2).predict(x[:1]), ref[:1])
-    assert _stored(cache) == []                    # 2 threads: numba's parallel kernels
+    assert stored(cache) == []                    # 2 threads: numba's parallel kernels
     monkeypatch.setenv(name, "0")
     np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])
-    assert _stored(cache) == []
+    assert stored(cache) == []
     monkeypatch.setenv("TERNET_REPLAY", "1")       # the new name wins over the old one
     monkeypatch.setenv("TERNET_FROZEN", "0")
     assert replay.enabled("auto")
@@ -184,7 +165,7 @@ def test_images_parallel_over_threads(tiny, cache):
     path, x, ref = tiny
     m = ternet.load(path, threads=2)
     np.testing.assert_array_equal(m.predict(x), ref)          # records the 2- and 1-image replays
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
     np.testing.assert_array_equal(m.predict(x), ref)          # both workers replay
     assert set(m._replays.workers) == {(2, 0), (1, 1)}
     np.testing.assert_array_equal(ternet.load(path, threads=3).predict(x), ref)
@@ -198,11 +179,11 @@ def test_partial_batch_reuses_a_bigger_loaded_replay(tiny, cache):
     np.testing.assert_array_equal(m.predict(x), ref)              # records the 3-image replay
     np.testing.assert_array_equal(m.predict(x), ref)
     np.testing.assert_array_equal(m.predict(x[1:]), ref[1:])      # 2 images: padded to 3
-    assert len(_stored(cache)) == 1
+    assert len(stored(cache)) == 1
     np.testing.assert_array_equal(m.predict(x[1:]), ref[1:])      # again: its own replay now
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
     np.testing.assert_array_equal(m.predict(x[2:]), ref[2:])      # 1 image: 2 <= 2 x 1, padded
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
 
 
 def test_replaced_file_with_same_size_and_mtime_gets_its_own_replay(tiny, cache, tmp_path):
@@ -223,7 +204,7 @@ def test_replaced_file_with_same_size_and_mtime_gets_its_own_replay(tiny, cache,
     ref_new = run_reference(read_model(new), x[:1])
     assert not np.array_equal(ref_new, ref_old[:1])
     np.testing.assert_array_equal(ternet.load(target).predict(x[:1]), ref_new)
-    assert len(_stored(cache)) == 2
+    assert len(stored(cache)) == 2
     np.testing.assert_array_equal(ternet.load(target).predict(x[:1]), ref_new)   # replayed
 
 
@@ -250,14 +231,14 @@ def test_evict_deletes_least_recently_used_first(cache):
     for i, key in enumerate("abcde"):
         _fake_replay(cache, key, 100, t0 + i * 10**9)
     replay.evict(300, keep="a")
-    assert [p.stem for p in _stored(cache)] == ["a", "d", "e"]
+    assert [p.stem for p in stored(cache)] == ["a", "d", "e"]
     assert sorted(p.stem for p in cache.glob("*.bin")) == ["a", "d", "e"]
 
 
 def test_loading_a_replay_marks_it_used_and_the_cap_is_kept(tiny, cache, monkeypatch):
     path, x, ref = tiny
     ternet.load(path).predict(x[:1])
-    (meta,) = _stored(cache)
+    (meta,) = stored(cache)
     os.utime(meta, ns=(0, 0))
     np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])     # replayed
     assert meta.stat().st_mtime_ns > 0
@@ -267,7 +248,7 @@ def test_loading_a_replay_marks_it_used_and_the_cap_is_kept(tiny, cache, monkeyp
     for n in (1, 3, 6):                    # 0.3-0.8 MB each: they do not all fit
         np.testing.assert_array_equal(m.predict(xx[:n]), refs[:n])
         recorded.append(replay.paths(m._replay_key(n))[0])
-        sizes = [p.stat().st_size + p.with_suffix(".bin").stat().st_size for p in _stored(cache)]
+        sizes = [p.stat().st_size + p.with_suffix(".bin").stat().st_size for p in stored(cache)]
         assert sum(sizes) <= 1 << 20 and recorded[-1].exists()
     assert not recorded[0].exists()        # the least recently used went first
 
@@ -278,7 +259,7 @@ def test_replay_cache_setting(tiny, cache, monkeypatch, name):
     path, x, ref = tiny
     monkeypatch.setenv(name, "0")                                 # stores nothing, still correct
     np.testing.assert_array_equal(ternet.load(path).predict(x[:1]), ref[:1])
-    assert _stored(cache) == []
+    assert stored(cache) == []
     for bad in ("abc", "-1", "1.5"):
         monkeypatch.setenv(name, bad)
         with pytest.raises(SettingError, match=f"{name}='{re.escape(bad)}'"):

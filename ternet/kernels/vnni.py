@@ -554,7 +554,7 @@ class PwVnniPlan:
         self._check(x, P, acc, np.dtype(np.int32))
         if P:
             whole = self._chunks.get(("whole", P))
-            if whole is None:       # kept: a frozen plan records its memory like any argument
+            if whole is None:       # kept: a recorded replay keeps its memory like any argument
                 whole = self._chunks["whole", P] = np.array([[0, P, 0, self.cout_p]], np.int64)
             drivers(self.isa).serial(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi,
                                      acc, self.nkb, whole)
