@@ -311,7 +311,7 @@ def test_vnni_needs_the_cpu(monkeypatch):
     monkeypatch.setattr(cpu, "has_avx512vnni", lambda: False)
     assert dw.make_depthwise(w, *args).impl == "pairs"
     monkeypatch.setattr(cpu, "has_avx512vnni", lambda: True)
-    assert cpu.depthwise_impl() == "vnni"
+    assert cpu.depthwise_kernel() == "vnni"
 
 
 _ASM_SCRIPT = """

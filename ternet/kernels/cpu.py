@@ -205,4 +205,3 @@ def depthwise_kernel() -> str:
     return KERNEL_TABLE[cpu_class()]["depthwise"]
 
 
-depthwise_impl = depthwise_kernel      # the old name, still called by kernels/depthwise.py
