@@ -11,7 +11,8 @@ Conventions
   {-1, 0, +1}; real = scale[c] * q.
 * Accumulators are int32: acc = bias + sum(w * (x - zx)). The input zero point is folded into
   the bias once, at load time (`fold_input_zero_point`), so kernels compute sum(w * x) + bias.
-* **Requantization rule** (the contract every kernel meets bit-exactly), in float32, no FMA::
+* **ternet's requantization rule** (the default; the contract every kernel meets
+  bit-exactly, like the onnxruntime rule below), in float32, no FMA::
 
       y = clamp(floor(float32(acc) * m + float32(zp_out + 0.5)), lo, hi)
 
