@@ -7,7 +7,9 @@
 
 1. `lite0_int8_qdq.onnx` from `peer_models.py` (onnxruntime `quantize_static`, QDQ, per-channel
    int8 weights, uint8 activations; built once into $TERNET_PEERS_CACHE) is converted with the
-   Lite0 normalisation (pixel - 127) / 128. Both engines get the same quantized input: ternet's
+   Lite0 normalisation (pixel - 127) / 128, with the converter's default requantization rule for
+   ONNX, onnxruntime's (`ternet.requant`; also, as `ternet_rule`, converted with ternet's rule
+   for comparison). Both engines get the same quantized input: ternet's
    uint8 preprocessing of each image, and for onnxruntime (which takes float NCHW and quantizes
    it itself) those values dequantized, which its QuantizeLinear maps back to the same integers.
    Reported: top-1 / top-5 of each, top-1 agreement (also counting onnxruntime's exact ties in
@@ -16,8 +18,8 @@
    With --layers N, for the first N images, per ternet node: each layer run on onnxruntime's
    own input to it (values off by 1, by more: that layer's rounding alone) and ternet's whole
    chain (values differing from onnxruntime's, the largest difference: how the single-layer
-   differences grow), under ternet's requantization rule and, as a what-if in the numpy
-   reference only, under onnxruntime's (`onnxruntime_rule`), with the chain's top-1 agreement.
+   differences grow), in the numpy reference under each requantization rule (ternet.quant.RULES),
+   with the chain's top-1 agreement.
 2. --roundtrip FILE: ternet's own QDQ export of FILE (`peer_models.export_ternet`, int8 and
    uint8-stored weights) converted back; every weight, bias, scale and zero point must come back
    identical and the reference engine's logits bit-identical on the dev images.
@@ -27,7 +29,7 @@ The dev images are for evaluation only: nothing is fitted to them.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -88,7 +90,8 @@ def tie_aware_agreement(ours, theirs) -> float:
 def quantize_static_agreement(onnx_path: Path, images: Path, layers: int = 0) -> dict:
     import ternet
     from ternet.conversion import convert
-    out = Path(tempfile.mkdtemp(prefix="ternet-onnx-")) / "lite0_qdq.safetensors"
+    tmp = Path(tempfile.mkdtemp(prefix="ternet-onnx-"))
+    out = tmp / "lite0_qdq.safetensors"
     report = convert(onnx_path, out, preprocess=LITE0_PREPROCESS, arch="efficientnet_lite0")
     model = ternet.load(out, threads=1)
     x, y, _ = dev_set(model, images)
@@ -100,7 +103,11 @@ def quantize_static_agreement(onnx_path: Path, images: Path, layers: int = 0) ->
     o1, o5 = accuracy(ours, y)
     t1, t5 = accuracy(theirs, y)
     clamped = ort_clamped_logits(onnx_path, theirs)
+    convert(onnx_path, tmp / "ternet_rule.safetensors", preprocess=LITE0_PREPROCESS,
+            arch="efficientnet_lite0", requant="ternet")
+    ours_t = ternet.load(tmp / "ternet_rule.safetensors", threads=1).predict(x)
     res = {"images": len(y), "nodes": report.nodes, "notes": report.notes,
+            "requant": model.file.requant,
             "ternet_top1": o1, "ternet_top5": o5, "onnxruntime_top1": t1, "onnxruntime_top5": t5,
             "top1_agreement": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
             "top1_agreement_ties_counted": tie_aware_agreement(ours, theirs),
@@ -110,38 +117,15 @@ def quantize_static_agreement(onnx_path: Path, images: Path, layers: int = 0) ->
             "unfused_onnxruntime_top1_agreement":
                 float(np.mean(ours.argmax(1) == unfused.argmax(1))),
             "onnxruntime_fused_vs_unfused_top1_agreement":
-                float(np.mean(theirs.argmax(1) == unfused.argmax(1)))}
+                float(np.mean(theirs.argmax(1) == unfused.argmax(1))),
+            "ternet_rule": {
+                "top1_agreement": float(np.mean(ours_t.argmax(1) == theirs.argmax(1))),
+                "top1_agreement_ties_counted": tie_aware_agreement(ours_t, theirs),
+                "max_abs_logit_diff": float(np.max(np.abs(ours_t - theirs))),
+                "max_abs_logit_diff_unclamped": float(np.max(np.abs(ours_t - theirs)[~clamped]))}}
     if layers:
         res["layers"] = divergence_report(onnx_path, model.file, report.source_tensors, x[:layers])
     return res
-
-
-def onnxruntime_multiplier(s_in, s_w, s_out) -> np.ndarray:
-    """onnxruntime's QLinearConv multiplier: s_in * s_w[c] / s_out evaluated in float32."""
-    return ((np.float32(s_in) * np.asarray(s_w, np.float32)) / np.float32(s_out)).astype(np.float32)
-
-
-def onnxruntime_requant(acc, mult, zp_out, lo, hi) -> np.ndarray:
-    """onnxruntime's (MLAS) requantization of int32 accumulators: float32(acc) * m, clamped to
-    [lo - zp, hi - zp], rounded half to even, plus zp (ternet: floor(acc * m + (zp + 0.5)))."""
-    v = np.asarray(acc).astype(np.float32) * np.asarray(mult, np.float32)
-    v = np.minimum(np.maximum(v, np.float32(lo - zp_out)), np.float32(hi - zp_out))
-    return (np.rint(v).astype(np.int32) + zp_out).astype(np.uint8)
-
-
-@contextlib.contextmanager
-def requant_rule(rule: str):
-    """Run ternet's numpy reference with `rule` for every requantization it does (conv, depthwise,
-    pointwise, pool): 'ternet' (its own) or 'onnxruntime' (a what-if: ternet's kernels and model
-    files have only ternet's rule; this measures what a second rule would change)."""
-    from ternet import quant
-    saved = quant.requant_multiplier, quant.requant_ref
-    if rule == "onnxruntime":
-        quant.requant_multiplier, quant.requant_ref = onnxruntime_multiplier, onnxruntime_requant
-    try:
-        yield
-    finally:
-        quant.requant_multiplier, quant.requant_ref = saved
 
 
 def ort_layer_values(onnx_path: Path, mf, sources: dict, x_u8) -> list:
@@ -179,23 +163,23 @@ def layer_divergence(mf, ort_values: list, rule: str) -> dict:
     rows = {n.name: {"op": n.op, "values": 0, "isolated_d1": 0, "isolated_dmore": 0,
                      "chain_differ": 0, "chain_max": 0} for n in mf.graph[:-1]}
     logits, isolated_logits = [], []
-    with requant_rule(rule):
-        for theirs, _ in ort_values:
-            ours = {"input": theirs["input"]}
-            for node in mf.graph:
-                ours[node.name] = run_node(mf, node, [ours[t] for t in node.inputs])
-                if node.op == "linear":
-                    isolated_logits.append(run_node(mf, node, [theirs[t] for t in node.inputs])[0])
-                    continue
-                want, r = theirs[node.name].astype(np.int16), rows[node.name]
-                iso = np.abs(run_node(mf, node, [theirs[t] for t in node.inputs]) - want)
-                own = np.abs(ours[node.name] - want)
-                r["values"] += want.size
-                r["isolated_d1"] += int(np.sum(iso == 1))
-                r["isolated_dmore"] += int(np.sum(iso > 1))
-                r["chain_differ"] += int(np.sum(own > 0))
-                r["chain_max"] = max(r["chain_max"], int(own.max()))
-            logits.append(ours[mf.graph[-1].name][0])
+    mf = dataclasses.replace(mf, requant=rule)
+    for theirs, _ in ort_values:
+        ours = {"input": theirs["input"]}
+        for node in mf.graph:
+            ours[node.name] = run_node(mf, node, [ours[t] for t in node.inputs])
+            if node.op == "linear":
+                isolated_logits.append(run_node(mf, node, [theirs[t] for t in node.inputs])[0])
+                continue
+            want, r = theirs[node.name].astype(np.int16), rows[node.name]
+            iso = np.abs(run_node(mf, node, [theirs[t] for t in node.inputs]) - want)
+            own = np.abs(ours[node.name] - want)
+            r["values"] += want.size
+            r["isolated_d1"] += int(np.sum(iso == 1))
+            r["isolated_dmore"] += int(np.sum(iso > 1))
+            r["chain_differ"] += int(np.sum(own > 0))
+            r["chain_max"] = max(r["chain_max"], int(own.max()))
+        logits.append(ours[mf.graph[-1].name][0])
     return {"rows": rows, "logits": np.array(logits), "isolated_logits": np.array(isolated_logits)}
 
 
@@ -204,7 +188,8 @@ def divergence_report(onnx_path: Path, mf, sources: dict, x_u8) -> dict:
     theirs = np.array([lg for _, lg in ort_values])
     inside = ~ort_clamped_logits(onnx_path, theirs)
     res = {}
-    for rule in ("ternet", "onnxruntime"):
+    from ternet.quant import RULES
+    for rule in RULES:
         d = layer_divergence(mf, ort_values, rule)
         rows, ours = d["rows"], d["logits"]
         res[rule] = {
@@ -257,7 +242,7 @@ def roundtrip(model_file: Path, images: Path) -> dict:
         onnx_path = peer_models.export_ternet(model_file, tmp / f"{weights}.onnx",
                                               log=lambda s: None, weights=weights)
         back = tmp / f"{weights}.safetensors"
-        convert(onnx_path, back)
+        convert(onnx_path, back, requant="ternet")      # ternet's own export: ternet's rule
         got = read_model(back)
         res[weights] = {"tensor_mismatches": tensor_mismatches(orig, got),
                         "logits_identical": bool(np.array_equal(

@@ -342,7 +342,8 @@ def cmd_info(args) -> int:
         print(json.dumps(d))
         return 0
     t, s, e = info.totals, info.storage, info.energy
-    out = [f"model: {printable(info.path)}", f"arch:  {printable(info.arch)}", ""]
+    out = [f"model: {printable(info.path)}", f"arch:  {printable(info.arch)}",
+           f"requantization: {info.requant} rule", ""]
     if not args.summary:
         header = ("name", "op", "in", "out", "weight", "MACs", "mults", "adds", "skipped",
                   "params", "bytes")
@@ -397,11 +398,13 @@ def cmd_convert(args) -> int:
         argv += ["--arch", args.arch]
     if args.keep_int8:
         argv.append("--keep-int8")
+    if args.requant:
+        argv += ["--requant", args.requant]
     try:
         from .conversion import convert
         report = convert(args.source, args.output, labels=args.labels, preprocess=args.preprocess,
                          arch=args.arch, ternary=not args.keep_int8,
-                         command="ternet convert " + shlex.join(argv))
+                         command="ternet convert " + shlex.join(argv), requant=args.requant)
     except (OSError, ImportError, ModelFormatError) as e:   # ConversionError is a ModelFormatError
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     print("\n".join(printable(line) for line in report.lines()))
@@ -526,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: the source file's name)")
     p.add_argument("--keep-int8", action="store_true",
                    help="keep ternary-valued int8 pointwise weights as int8")
+    p.add_argument("--requant", metavar="RULE",
+                   help="requantization rule stored in the file: ternet or onnxruntime (default: "
+                        "onnxruntime for ONNX, ternet for TFLite; docs/convert.md)")
     p.set_defaults(func=cmd_convert)
     return parser
 

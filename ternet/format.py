@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFormatError
+from .quant import RULES
 
 FORMAT_TAG = "ternet"
 FORMAT_VERSION = 1
@@ -101,6 +102,7 @@ class ModelFile:
     provenance: dict
     metrics: dict | None = None
     metadata: dict = field(default_factory=dict)
+    requant: str = "ternet"        # the requantization rule (quant.RULES; `ternet.requant`)
 
     def tensor(self, node: Node, fld: str) -> np.ndarray:
         return self.tensors[f"{node.name}.{fld}"]
@@ -113,8 +115,10 @@ class ModelFile:
 # ---------------------------------------------------------------------------- writing
 
 def write_model(path, *, arch: str, graph, tensors: dict, input_spec: dict, preprocess: dict,
-                labels, provenance: dict, metrics: dict | None = None) -> None:
-    """Validate, then write one model file. graph: list of node dicts or Nodes."""
+                labels, provenance: dict, metrics: dict | None = None,
+                requant: str = "ternet") -> None:
+    """Validate, then write one model file. graph: list of node dicts or Nodes. requant: the
+    requantization rule (quant.RULES); written only when not the default "ternet"."""
     from safetensors.numpy import save_file
 
     nodes = [n.to_json() if isinstance(n, Node) else dict(n) for n in graph]
@@ -130,6 +134,8 @@ def write_model(path, *, arch: str, graph, tensors: dict, input_spec: dict, prep
     }
     if metrics is not None:
         meta["ternet.metrics"] = json.dumps(metrics)
+    if requant != "ternet":
+        meta["ternet.requant"] = str(requant)
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     validate(str(path), meta, arrays)          # never write a file we would refuse to read
     save_file(arrays, str(path), metadata=meta)
@@ -315,6 +321,10 @@ def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
     labels = _json_key(path, meta, "ternet.labels", list)
     prov = _json_key(path, meta, "ternet.provenance", dict)
     metrics = _json_key(path, meta, "ternet.metrics", dict, required=False)
+    requant = meta.get("ternet.requant", "ternet")
+    if requant not in RULES:
+        _fail(path, "metadata key 'ternet.requant'", f"unknown requantization rule "
+              f"{_show(requant)}; expected one of {', '.join(RULES)}")
     if "producer" not in prov:
         _fail(path, "metadata key 'ternet.provenance'", "needs a 'producer' entry")
     if not all(isinstance(x, str) for x in labels):
@@ -349,7 +359,7 @@ def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
             _fail(path, w, f"{key!r} values must lie in [{lo:g}, {F32_MAX:g}], got {_show(v)}")
 
     nodes, used = _validate_graph(path, graph, arrays, (H, W, 3),
-                                  (float(inp["scale"]), inp["zero_point"]))
+                                  (float(inp["scale"]), inp["zero_point"]), requant)
     extra = sorted(set(arrays) - used)
     if extra:
         _fail(path, f"tensor {_show(extra[0])}", "not used by any graph node")
@@ -358,7 +368,7 @@ def validate(path: str, meta: dict, arrays: dict) -> ModelFile:
               f"{len(labels)} labels for a classifier with {nodes[-1].attrs['cout']} outputs")
     return ModelFile(path=path, arch=arch, graph=tuple(nodes), tensors=arrays, input=inp,
                      preprocess=pre, labels=tuple(labels), provenance=prov, metrics=metrics,
-                     metadata=dict(meta))
+                     metadata=dict(meta), requant=requant)
 
 
 def _expect(path, arrays, used, name, dtype, shape):
@@ -421,8 +431,10 @@ class NodeCheck:
     MAX_CHANNELS, INT32_MAX, CODE_INVALID = MAX_CHANNELS, INT32_MAX, CODE_INVALID
     ternary_codes = staticmethod(ternary_codes)
 
-    def __init__(self, path, arrays: dict, used: set, name: str, op: str, inputs, attrs: dict):
+    def __init__(self, path, arrays: dict, used: set, name: str, op: str, inputs, attrs: dict,
+                 requant: str = "ternet"):
         self.path, self.arrays, self.used = path, arrays, used
+        self.requant = requant           # the file's requantization rule (quant.RULES)
         self.name, self.op, self.inputs, self.attrs = name, op, tuple(inputs), attrs
         self.where = f"node {name!r}"
         self.out_qparams = None          # (scale, zero point) once output_qparams() checked them
@@ -464,7 +476,7 @@ class NodeCheck:
         _check_im2col(self.path, self.where, k, cin, ho, wo)
 
 
-def _validate_graph(path, graph, arrays, in_shape, in_qp):
+def _validate_graph(path, graph, arrays, in_shape, in_qp, requant="ternet"):
     from .ops import REGISTRY, Value, names
     if not graph:
         _fail(path, "graph", "is empty")
@@ -505,7 +517,7 @@ def _validate_graph(path, graph, arrays, in_shape, in_qp):
             _fail(path, where, f"the last node must be the {classifier!r} classifier")
         if spec.classifier and i != len(graph) - 1:
             _fail(path, where, f"{op!r} must be the last node")
-        check = NodeCheck(path, arrays, used, name, op, inputs, attrs)
+        check = NodeCheck(path, arrays, used, name, op, inputs, attrs, requant)
         out = spec.check(check, attrs, [values[s] for s in inputs])
         if out[0] * out[1] * out[2] > MAX_VALUES:
             _fail(path, where, f"output {out[0]}x{out[1]}x{out[2]} has more than {MAX_VALUES} "

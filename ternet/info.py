@@ -82,9 +82,10 @@ class ModelInfo:
     totals: dict             # sums of the LayerInfo counters
     storage: dict            # bytes: ours vs fp32/fp16 of the same parameter count
     energy: dict             # pJ per image under each rule, ratios to the baselines
+    requant: str = "ternet"  # the file's requantization rule (quant.RULES)
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "arch": self.arch,
+        return {"path": self.path, "arch": self.arch, "requant": self.requant,
                 "layers": [l.as_dict() for l in self.layers],
                 "totals": self.totals, "storage": self.storage, "energy": self.energy}
 
@@ -172,4 +173,4 @@ def analyze(mf) -> ModelInfo:
         "ratio_fp16": _ratio(2 * totals["params"], tensor_bytes),
     }
     return ModelInfo(path=str(mf.path), arch=mf.arch, layers=tuple(layers), totals=totals,
-                     storage=storage, energy=_energy(totals))
+                     storage=storage, energy=_energy(totals), requant=mf.requant)

@@ -11,13 +11,24 @@ Conventions
   {-1, 0, +1}; real = scale[c] * q.
 * Accumulators are int32: acc = bias + sum(w * (x - zx)). The input zero point is folded into
   the bias once, at load time (`fold_input_zero_point`), so kernels compute sum(w * x) + bias.
-* **Requantization rule** (the contract every kernel meets bit-exactly), in float32, no FMA::
+* **ternet's requantization rule** (the default; the contract every kernel meets
+  bit-exactly, like the onnxruntime rule below), in float32, no FMA::
 
       y = clamp(floor(float32(acc) * m + float32(zp_out + 0.5)), lo, hi)
 
   i.e. round-half-up of acc*m + zp_out, with m = float32(s_in * s_w[c] / s_out) computed in
   float64 and rounded once to float32. `float32(acc)` rounds to nearest-even (exact below 2**24).
   The clamp bounds [lo, hi] fold the activation (ReLU / ReLU6) into the store.
+* **The onnxruntime rule** (`rule="onnxruntime"`, a model file's `ternet.requant`; the rule of
+  onnxruntime's MLAS QLinearConv, so converted ONNX QDQ models agree with it)::
+
+      y = clamp(rint(float32(acc) * m) + zp_out, lo, hi)
+
+  with m = (float32(s_in) * float32(s_w[c])) / float32(s_out) in float32 arithmetic and rint
+  rounding half to even. Kernels run it as ((float32(acc) * m + RINT_MAGIC) + (zp_out - RINT_MAGIC)),
+  two separate float32 adds: the first rounds to an integer half to even (|acc * m| < 2**22;
+  beyond, the result still clamps to the right end), the second is exact (`round_constants`).
+  Residual adds, the pool and the logits keep ternet's rule under both (docs/convert.md).
 * Residual add: y = clamp(floor((f32(a - za) * ma + f32(b - zb) * mb) + f32(zo + 0.5)), lo, hi)
   with ma = s_a / s_out and mb = s_b / s_out as float32, evaluated in exactly that order.
 * Logits: float32(acc) * (s_in * s_w[c]) as float32: one rounding, no output quantization.
@@ -29,11 +40,28 @@ import numpy as np
 QMIN, QMAX = 0, 255          # uint8 activations
 WMAX = 127                   # int8 weights are symmetric in [-127, 127]
 ACTIVATIONS = ("none", "relu", "relu6")
+RULES = ("ternet", "onnxruntime")          # requantization rules (a model file's ternet.requant)
+RINT_MAGIC = np.float32(1.5 * 2**23)       # x + RINT_MAGIC rounds x half to even, |x| < 2**22
 
 
-def requant_multiplier(s_in, s_w, s_out) -> np.ndarray:
-    """Per-channel float32 multiplier m = s_in * s_w / s_out, computed in float64, rounded once."""
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown requantization rule {rule!r}; expected one of {RULES}")
+    return rule
+
+
+def requant_multiplier(s_in, s_w, s_out, rule: str = "ternet") -> np.ndarray:
+    """Per-channel float32 multiplier m = s_in * s_w / s_out, computed in float64, rounded once
+    (rule "onnxruntime": requant_multiplier_onnxruntime)."""
+    if check_rule(rule) == "onnxruntime":
+        return requant_multiplier_onnxruntime(s_in, s_w, s_out)
     m = np.float64(s_in) * np.asarray(s_w, np.float64) / np.float64(s_out)
+    return np.ascontiguousarray(m, dtype=np.float32)
+
+
+def requant_multiplier_onnxruntime(s_in, s_w, s_out) -> np.ndarray:
+    """scalars s_in, s_out, s_w (C,) -> float32 (C,): (s_in * s_w[c]) / s_out in float32 arithmetic."""
+    m = (np.float32(s_in) * np.asarray(s_w, np.float32).reshape(-1)) / np.float32(s_out)
     return np.ascontiguousarray(m, dtype=np.float32)
 
 
@@ -42,14 +70,36 @@ def zp_bias(zp_out) -> np.float32:
     return np.float32(np.float32(zp_out) + np.float32(0.5))
 
 
-def requant_ref(acc, mult, zp_out, lo, hi) -> np.ndarray:
-    """acc int32 (..., C), mult float32 (C,) or scalar -> uint8 (..., C) by the rule above."""
+def round_constants(zp_out, rule: str = "ternet") -> tuple[np.float32, np.float32]:
+    """(zph, zpc): the float32 constants kernels add, in this order and separately, to
+    float32(acc) * m before clamping and truncating. ternet: (zp + 0.5, 0), i.e. floor(v + zp +
+    0.5) (adding 0 changes no value that survives the clamp); onnxruntime: (RINT_MAGIC, zp -
+    RINT_MAGIC), i.e. rint(v) + zp (module doc)."""
+    if check_rule(rule) == "onnxruntime":
+        return RINT_MAGIC, np.float32(np.float32(zp_out) - RINT_MAGIC)
+    return zp_bias(zp_out), np.float32(0.0)
+
+
+def requant_ref(acc, mult, zp_out, lo, hi, rule: str = "ternet") -> np.ndarray:
+    """acc int32 (..., C), mult float32 (C,) or scalar -> uint8 (..., C) by the rule above
+    (rule "onnxruntime": requant_ref_onnxruntime)."""
+    if check_rule(rule) == "onnxruntime":
+        return requant_ref_onnxruntime(acc, mult, zp_out, lo, hi)
     acc = np.asarray(acc)
     assert acc.dtype == np.int32, acc.dtype
     v = acc.astype(np.float32) * np.asarray(mult, np.float32)   # one float32 rounding
     v = v + zp_bias(zp_out)                                     # second rounding, separate add (no FMA)
     v = np.minimum(np.maximum(v, np.float32(lo)), np.float32(hi))
     return np.floor(v).astype(np.uint8)
+
+
+def requant_ref_onnxruntime(acc, mult, zp_out, lo, hi) -> np.ndarray:
+    """acc int32 (..., C), mult float32 (C,) or scalar -> uint8 (..., C): clamp(rint(f32(acc) * m) + zp)."""
+    acc = np.asarray(acc)
+    assert acc.dtype == np.int32, acc.dtype
+    v = acc.astype(np.float32) * np.asarray(mult, np.float32)   # one float32 rounding
+    v = np.minimum(np.maximum(v, np.float32(int(lo) - int(zp_out))), np.float32(int(hi) - int(zp_out)))
+    return (np.rint(v).astype(np.int32) + np.int32(zp_out)).astype(np.uint8)
 
 
 def add_ref(a, za, ma, b, zb, mb, zp_out, lo, hi) -> np.ndarray:

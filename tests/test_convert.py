@@ -249,6 +249,7 @@ def test_mobilenet_like_graph_and_litert(tmp_path):
     out = tmp_path / "m.safetensors"
     report = convert(net.save(tmp_path / "m.tflite"), out)
     mf = read_model(out)
+    assert mf.requant == "ternet" and "ternet.requant" not in mf.metadata   # TFLite: ternet's rule
     assert [n.op for n in mf.graph] == ["conv2d", "depthwise", "pointwise", "pointwise",
                                         "depthwise", "pointwise", "add", "global_avg_pool",
                                         "linear"]

@@ -2,6 +2,7 @@
 float CNN (compared with onnxruntime one layer at a time, as test_convert.py does with LiteRT),
 ternet's own QDQ export converted back (benchmarks/peer_models.export_ternet), and refusals.
 Skips without onnx / onnxruntime."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import peer_models  # noqa: E402
-from convert_onnx_agreement import requant_rule  # noqa: E402
 
 import ternet  # noqa: E402
 from ternet import quant  # noqa: E402
@@ -186,11 +186,11 @@ def tie_model(s_in, s_w, s_out, w, zp=128) -> onnx.ModelProto:
 
 
 def test_requantization_differs_from_onnxruntime_only_in_ties(tmp_path):
-    """Why ternet and onnxruntime differ on converted QDQ models (docs/convert.md): onnxruntime's
-    integer kernels round acc * m half to even, ternet rounds half up. A conv whose multiplier is
-    exactly 1/2 makes every odd accumulator a tie: ternet is one step above onnxruntime exactly
-    where acc / 2 = k + 1/2 with k even, and the rule the benchmark's what-if uses
-    (`requant_rule('onnxruntime')`) gives onnxruntime's values everywhere."""
+    """Why ternet's rule and onnxruntime differ on converted QDQ models (docs/convert.md):
+    onnxruntime's integer kernels round acc * m half to even, ternet's rule rounds half up. A
+    conv whose multiplier is exactly 1/2 makes every odd accumulator a tie: under ternet's rule
+    the output is one step above onnxruntime's exactly where acc / 2 = k + 1/2 with k even; the
+    converter writes the file with onnxruntime's rule, which gives its values everywhere."""
     rng = np.random.default_rng(5)
     s_in, s_w = 2.0 ** -5, 2.0 ** -4
     qdq = tmp_path / "ties.onnx"
@@ -198,6 +198,7 @@ def test_requantization_differs_from_onnxruntime_only_in_ties(tmp_path):
     out = tmp_path / "m.safetensors"
     report = convert(qdq, out, preprocess=PREPROCESS)
     mf = read_model(out)
+    assert mf.requant == "onnxruntime"
     conv = mf.graph[0]
     assert conv.op == "conv2d"
     x = rng.integers(118, 139, (4, 8, 8, 3)).astype(np.uint8)     # acc stays inside [0, 255]
@@ -205,11 +206,12 @@ def test_requantization_differs_from_onnxruntime_only_in_ties(tmp_path):
         layer[report.source_tensors[conv.name]].transpose(0, 2, 3, 1)
         for layer in ort_layers(qdq, report, x, (s_in, 128))]).astype(np.int16)
     acc = (x.astype(np.int32) - 128) @ mf.tensor(conv, "weight")[:, 0, 0, :].T.astype(np.int32)
-    ours = run_node(mf, conv, [x]).astype(np.int16)
+    ours = run_node(dataclasses.replace(mf, requant="ternet"), conv, [x]).astype(np.int16)
     assert np.array_equal(ours - theirs, (acc % 4 == 1).astype(np.int16))
     assert np.sum(acc % 4 == 1) > 100
-    with requant_rule("onnxruntime"):
-        assert np.array_equal(run_node(mf, conv, [x]), theirs)
+    assert np.array_equal(run_node(mf, conv, [x]), theirs)
+    fast = ternet.load(out, kernels="plain")       # the kernels run the file's rule too
+    assert np.array_equal(fast.predict(x), ternet.load(out, kernels="reference").predict(x))
 
 
 def test_raw_float_input_needs_preprocess(tmp_path):
@@ -227,7 +229,11 @@ def test_ternet_qdq_export_round_trip(tmp_path, padding, weights):
     qdq = peer_models.export_ternet(src, tmp_path / "tiny.onnx", log=lambda s: None,
                                     weights=weights)
     back = tmp_path / "back.safetensors"
-    report = convert(qdq, back)
+    # ternet's own export: keep ternet's rule (the default for ONNX is onnxruntime's)
+    report = convert(qdq, back, requant="ternet")
+    assert read_model(convert(qdq, tmp_path / "o.safetensors").output).requant == "onnxruntime"
+    with pytest.raises(ConversionError, match="unknown requantization rule 'even'"):
+        convert(qdq, tmp_path / "e.safetensors", requant="even")
     a, b = read_model(src), read_model(back)
     assert [n.op for n in a.graph] == [n.op for n in b.graph]
     for na, nb in zip(a.graph, b.graph):

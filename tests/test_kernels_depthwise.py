@@ -81,7 +81,7 @@ def output(N, Ho, Wo, Cp, dtype=np.uint8, extra=3):
     return buf, buf[:P].reshape(N, Ho, Wo, Cp)
 
 
-def run(case, wmin=-128, impl="pairs"):
+def run(case, wmin=-128, impl="pairs", rule="ternet"):
     N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
     rng = np.random.default_rng(seed)
     pt, pl, Ho, Wo = quant.conv_geometry(mode, H, W, k, stride)
@@ -89,24 +89,25 @@ def run(case, wmin=-128, impl="pairs"):
     acc = dw.depthwise_acc_ref(x, zx, w, bias, stride, pt, pl, Ho, Wo)
     mult = pick_mult(rng, acc, C)
     plan = dw.make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pt, pl, H, W, Ho, Wo,
-                             impl=impl)
+                             impl=impl, rule=rule)
     _, x4 = activation(rng, x, plan.cp)
     return rng, plan, x, w, bias, mult, acc, x4, (Ho, Wo, pt, pl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@given(case=dw_layers())
-def test_matches_reference(impl, case):
+@given(case=dw_layers(), rule=st.sampled_from(quant.RULES))
+def test_matches_reference(impl, case, rule):
     N, H, W, C, k, stride, mode, zx, zp_out, lo, hi, seed = case
-    rng, plan, x, w, bias, mult, acc, x4, (Ho, Wo, pt, pl) = run(case, impl=impl)
-    want = dw.depthwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pt, pl, Ho, Wo)
+    rng, plan, x, w, bias, mult, acc, x4, (Ho, Wo, pt, pl) = run(case, impl=impl, rule=rule)
+    want = dw.depthwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pt, pl, Ho, Wo, rule)
     assert plan.cp == pad_to(C)
     for variant in (plan, plan.portable):
         buf, out = output(N, Ho, Wo, plan.cp)
         variant(x4, out)
         np.testing.assert_array_equal(out[..., :C], want)
-        # padded channels: weight, bias and multiplier 0 -> floor(zp_out + 0.5) clamped
-        assert (out[..., C:] == np.clip(np.floor(quant.zp_bias(zp_out)), lo, hi)).all()
+        # padded channels: weight, bias and multiplier 0 -> zp_out clamped
+        pad_value = quant.requant_ref(np.zeros(1, np.int32), 0, zp_out, lo, hi, rule)
+        assert (out[..., C:] == pad_value).all()
         assert (buf[N * Ho * Wo:] == POISON).all(), "wrote past the output rows"
 
 

@@ -40,18 +40,18 @@ def layers(draw):
     return P, cin, cout, zx, zp_out, lo, hi, draw(st.integers(0, 2**32 - 1))
 
 
-def run_case(impl, kind, P, cin, cout, zx, zp_out, lo, hi, seed):
+def run_case(impl, kind, P, cin, cout, zx, zp_out, lo, hi, seed, rule="ternet"):
     rng = np.random.default_rng(seed)
     x, w, bias = make_case(rng, P, cin, cout, kind, zx)
     mult = pick_mult(rng, pw.pointwise_acc_ref(x, zx, w, bias), cout)
-    want = pw.pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
-    plan = pw.make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl)
+    want = pw.pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, rule)
+    plan = pw.make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl, rule)
     assert (plan.cin, plan.cout, plan.impl) == (cin, cout, impl)
     assert (plan.cin_p, plan.cout_p) == (-(-cin // 16) * 16, -(-cout // 16) * 16)
     xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
     run(plan, xb, P, out)
     np.testing.assert_array_equal(out[:P, :cout], want)
-    pad_value = np.clip(np.floor(quant.zp_bias(zp_out)), lo, hi)     # mult = bias = 0 there
+    pad_value = quant.requant_ref(np.zeros(1, np.int32), 0, zp_out, lo, hi, rule)  # mult = bias = 0
     assert (out[:P, cout:] == pad_value).all()
     check_untouched(out, P)
     return plan, x, w, bias, xb
@@ -82,20 +82,20 @@ def test_reference_rejects_int32_overflow():
 
 # ------------------------------------------------------------------ kernels == reference
 
-@given(case=layers())
-def test_addonly_ternary_matches_reference(case):
-    run_case("addonly", "ternary", *case)
+@given(case=layers(), rule=st.sampled_from(quant.RULES))
+def test_addonly_ternary_matches_reference(case, rule):
+    run_case("addonly", "ternary", *case, rule=rule)
 
 
-@given(case=layers())
-def test_addonly_hybrid_matches_reference(case):
-    run_case("addonly", "hybrid", *case)
+@given(case=layers(), rule=st.sampled_from(quant.RULES))
+def test_addonly_hybrid_matches_reference(case, rule):
+    run_case("addonly", "hybrid", *case, rule=rule)
 
 
 @pytest.mark.parametrize("kind", ["int8", "ternary"])
-@given(case=layers())
-def test_plain_matches_reference(kind, case):
-    run_case("plain", kind, *case)
+@given(case=layers(), rule=st.sampled_from(quant.RULES))
+def test_plain_matches_reference(kind, case, rule):
+    run_case("plain", kind, *case, rule=rule)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -247,11 +247,11 @@ def test_results_independent_of_thread_count(impl):
         out = np.full((P + ROW_SLACK, plan.cout_p), POISON, np.uint8)
         if impl == "addonly":
             pw.pw_t2_u8_addonly_par(xb, P, plan.tptr, plan.tchunks, plan.trows, plan.dptr, plan.drows,
-                                    plan.dw, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi,
+                                    plan.dw, plan.bias, plan.mult, plan.zph, plan.zpc, plan.lo, plan.hi,
                                     plan.compl, out, *scratch, work)
         else:
             pw.pw_i8_u8_plain_par(xb, P, plan.dptr, plan.drows, plan.dw, plan.bias, plan.mult,
-                                  plan.zph, plan.lo, plan.hi, out, *scratch, work)
+                                  plan.zph, plan.zpc, plan.lo, plan.hi, out, *scratch, work)
         np.testing.assert_array_equal(out[:P, :cout], want)
     old = numba.get_num_threads()
     try:
@@ -336,10 +336,10 @@ def test_make_pointwise_dispatch(monkeypatch):
     assert pw.make_pointwise(w, *args, impl="plain").impl == "plain"
     calls = []
     import ternet.kernels.vnni as vnni
-    monkeypatch.setattr(vnni, "make_pw_vnni", lambda *a, isa: calls.append(isa) or isa)
+    monkeypatch.setattr(vnni, "make_pw_vnni", lambda *a, isa, rule: calls.append((isa, rule)) or isa)
     assert pw.make_pointwise(w, *args, impl="vnni") == "avx512vnni"
-    assert pw.make_pointwise(w, *args, impl="avx2") == "avx2"
-    assert calls == ["avx512vnni", "avx2"]
+    assert pw.make_pointwise(w, *args, impl="avx2", rule="onnxruntime") == "avx2"
+    assert calls == [("avx512vnni", "ternet"), ("avx2", "onnxruntime")]
 
 
 def test_plan_layout():
@@ -366,7 +366,7 @@ plan = pw.make_pw_addonly(w, np.zeros(1, np.int32), 0, np.ones(1, np.float32), 0
 x, out = np.zeros((140, plan.cin_p), np.uint8), np.zeros((140, plan.cout_p), np.uint8)
 xt, a16, a32, yt = plan.scratch()
 args = (x, 130, plan.tptr, plan.tchunks, plan.trows, plan.dptr, plan.drows, plan.dw, plan.bias,
-        plan.mult, plan.zph, plan.lo, plan.hi, plan.compl, out, xt[0], a16[0], a32[0], yt[0],
+        plan.mult, plan.zph, plan.zpc, plan.lo, plan.hi, plan.compl, out, xt[0], a16[0], a32[0], yt[0],
         pw.split_work(130, 1))
 plan(x, 130, out)
 sig = tuple(numba.typeof(a) for a in args)

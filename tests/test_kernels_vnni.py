@@ -42,33 +42,33 @@ def layers(draw):
     return P, cin, cout, zx, zp_out, lo, hi, draw(st.integers(0, 2**32 - 1))
 
 
-def run_case(isa, ternary, P, cin, cout, zx, zp_out, lo, hi, seed):
+def run_case(isa, ternary, P, cin, cout, zx, zp_out, lo, hi, seed, rule="ternet"):
     rng = np.random.default_rng(seed)
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
-    want = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
-    plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False)
+    want = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, rule)
+    plan = vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False, rule=rule)
     assert (plan.cin, plan.cout) == (cin, cout)
     assert (plan.cin_p, plan.cout_p) == (-(-cin // 16) * 16, -(-cout // 16) * 16)
     xb, out = buffers(x, P, plan.cin_p, plan.cout_p, rng)
     plan(xb, P, out)
     np.testing.assert_array_equal(out[:P, :cout], want)
-    pad_value = np.clip(np.floor(quant.zp_bias(zp_out)), lo, hi)     # mult = bias = 0 there
+    pad_value = quant.requant_ref(np.zeros(1, np.int32), 0, zp_out, lo, hi, rule)  # mult = bias = 0
     assert (out[:P, cout:] == pad_value).all()
     check_untouched(out, P)
     return plan, x, w, bias, xb
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@given(case=layers())
-def test_ternary_matches_reference(isa, case):
-    run_case(isa, True, *case)
+@given(case=layers(), rule=st.sampled_from(quant.RULES))
+def test_ternary_matches_reference(isa, case, rule):
+    run_case(isa, True, *case, rule=rule)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@given(case=layers())
-def test_int8_matches_reference(isa, case):
-    run_case(isa, False, *case)
+@given(case=layers(), rule=st.sampled_from(quant.RULES))
+def test_int8_matches_reference(isa, case, rule):
+    run_case(isa, False, *case, rule=rule)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -204,7 +204,7 @@ def test_results_independent_of_thread_count(isa):
         assert len(chunks) == threads          # pixel or channel splits, tails included
         for drv in drivers:
             out = np.full((P + ROW_SLACK, plan.cout_p), POISON, np.uint8)
-            drv(xb, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, chunks)
+            drv(xb, plan.w, plan.bias, plan.mult, plan.zph, plan.zpc, plan.lo, plan.hi, out, plan.nkb, chunks)
             np.testing.assert_array_equal(out[:P, :cout], want)
     old = numba.get_num_threads()
     try:
@@ -298,7 +298,7 @@ def test_missing_isa_raises_runtime_error(monkeypatch):
         plan = vnni.make_pw_vnni(w, *args, isa="emu512")
         x = np.zeros((9, 16), np.uint8)
         with pytest.raises(RuntimeError, match="avx512vnni"):
-            vnni.pw_i8_u8_vnni(x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, x.copy(),
+            vnni.pw_i8_u8_vnni(x, plan.w, plan.bias, plan.mult, plan.zph, plan.zpc, plan.lo, plan.hi, x.copy(),
                                plan.nkb, vnni.split_work(1, 16, 16, vnni.ISAS["emu512"], 1))
 
 
@@ -340,7 +340,7 @@ wide, driver = sys.argv[1] == "wide", getattr(vnni, sys.argv[2])
 w = np.full((40, 72), 3, np.int8)     # an emu512 plan: no check that the host can run the code
 plan = vnni.make_pw_vnni(w, np.zeros(40, np.int32), 0, np.ones(40, np.float32), 0, 0, 255, isa="emu512")
 x, out = np.zeros((20, plan.cin_p), np.uint8), np.zeros((20, plan.cout_p), np.uint8)
-args = (x, vnni.pack_weights(w, plan.cin_p, plan.cout_p, wide), plan.bias, plan.mult, plan.zph,
+args = (x, vnni.pack_weights(w, plan.cin_p, plan.cout_p, wide), plan.bias, plan.mult, plan.zph, plan.zpc,
         plan.lo, plan.hi, out, plan.nkb, plan._work(12)[2])
 sig = tuple(numba.typeof(a) for a in args)
 driver.compile(sig)
@@ -390,7 +390,7 @@ from ternet.kernels import amx, vnni
 w = np.full((40, 72), 3, np.int8)     # an emuamx plan: same weights, no check that the host has AMX
 plan = vnni.make_pw_vnni(w, np.zeros(40, np.int32), 0, np.ones(40, np.float32), 0, 0, 255, isa="emuamx")
 x, out = np.zeros((40, plan.cin_p), np.uint8), np.zeros((40, plan.cout_p), np.uint8)
-args = (x, plan.w, plan.bias, plan.mult, plan.zph, plan.lo, plan.hi, out, plan.nkb, plan._work(30)[2])
+args = (x, plan.w, plan.bias, plan.mult, plan.zph, plan.zpc, plan.lo, plan.hi, out, plan.nkb, plan._work(30)[2])
 sig = tuple(numba.typeof(a) for a in args)
 amx.pw_i8_u8_amx.compile(sig)
 asm = amx.pw_i8_u8_amx.inspect_asm(sig)
@@ -431,17 +431,20 @@ def test_import_compiles_nothing():
 @pytest.mark.parametrize("isa", ISAS)
 @given(case=layers(), ternary=st.booleans(), add=st.tuples(
     st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
-    st.integers(0, 255), st.floats(0.0625, 4.0, width=32), st.floats(0.0625, 4.0, width=32)))
-def test_fused_residual_add_matches_reference(isa, case, ternary, add):
-    """pointwise + residual add in one epilogue == pointwise_ref, then quant.add_ref."""
+    st.integers(0, 255), st.floats(0.0625, 4.0, width=32), st.floats(0.0625, 4.0, width=32)),
+    rule=st.sampled_from(quant.RULES))
+def test_fused_residual_add_matches_reference(isa, case, ternary, add, rule):
+    """pointwise + residual add in one epilogue == pointwise_ref, then quant.add_ref (the
+    pointwise part under either requantization rule, the add under ternet's)."""
     P, cin, cout, zx, zp_out, lo, hi, seed = case
     zr, zp2, lo2, hi2_, _, mr, mq = add
     lo2, hi2 = min(lo2, hi2_), max(lo2, hi2_)
     rng = np.random.default_rng(seed)
     x, w, bias = make_case(rng, P, cin, cout, "ternary" if ternary else "int8", zx)
     mult = pick_mult(rng, ref_acc(x, zx, w, bias), cout)
-    q = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi)
-    plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False),
+    q = pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, rule)
+    plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=isa, by_size=False,
+                                              rule=rule),
                             zr, mr, zp_out, mq, zp2, lo2, hi2)
     xb, out = buffers(x, P, plan.pw.cin_p, plan.pw.cout_p, rng)
     res = rng.integers(0, 256, out.shape, dtype=np.uint8)

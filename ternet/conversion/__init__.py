@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..quant import RULES
+
 from .common import (ConversionError, ConversionReport, GraphBuilder, load_labels,
                      parse_preprocess, preprocess_spec, provenance, resolve_labels, write_atomic)
 
@@ -30,7 +32,7 @@ def source_format(path: Path) -> str:
 
 def convert(model, out, *, labels=None, preprocess=None, arch: str | None = None,
             ternary: bool = True, metrics: dict | None = None,
-            command: str | None = None) -> ConversionReport:
+            command: str | None = None, requant: str | None = None) -> ConversionReport:
     """Convert a quantized .tflite or ONNX QDQ classifier into the ternet model file `out`.
 
     labels: a file with one label per line, or a list of strings (default class_0, ...).
@@ -38,10 +40,16 @@ def convert(model, out, *, labels=None, preprocess=None, arch: str | None = None
     docs/convert.md for the defaults). arch: the architecture name stored in the file (default:
     the source file's stem). ternary: write pointwise layers whose int8 weights are ternary per
     output channel as packed ternary. metrics: measured accuracies to store in the file.
+    requant: the requantization rule stored in the file (ternet.quant.RULES); None: the source's
+    engine's, "onnxruntime" for ONNX, "ternet" for TFLite (docs/convert.md).
     Raises ConversionError (one line: file, op or tensor, reason); writes nothing then.
     """
     src = Path(model)
     fmt = source_format(src)
+    requant = default_requant(fmt) if requant is None else requant
+    if requant not in RULES:
+        raise ConversionError(f"{src}: unknown requantization rule {requant!r}; expected one of "
+                              f"{', '.join(RULES)}")
     builder = GraphBuilder(str(src), ternary=ternary)
     if fmt == "tflite":
         from .from_tflite import build
@@ -63,12 +71,22 @@ def convert(model, out, *, labels=None, preprocess=None, arch: str | None = None
                               source_tensors=sources)
     if report.background_dropped:
         notes.append("classifier: 1001 outputs, the first (background) dropped: 1000 classes")
+    if requant != "ternet":
+        notes.append(f"requantization: {requant}'s rule (ternet.requant)")
     report.notes = builder.finish_notes() + notes
     extra = {"conversion": report.lines()[1:]} if report.lines()[1:] else {}
     write_atomic(out, arch=arch or _default_arch(src), graph=builder.nodes, tensors=builder.tensors,
                  input_spec=builder.input_spec, preprocess=pre, labels=final_labels,
-                 provenance=provenance(src, fmt, command, extra), metrics=metrics)
+                 provenance=provenance(src, fmt, command, extra), metrics=metrics,
+                 requant=requant)
     return report
+
+
+def default_requant(fmt: str) -> str:
+    """The rule a converted file gets by default: that of the engine the source format is run
+    on (ONNX: onnxruntime's MLAS; TFLite: none of ternet's rules matches XNNPACK / gemmlowp
+    exactly, so ternet's own)."""
+    return "onnxruntime" if fmt == "onnx" else "ternet"
 
 
 def _default_arch(src: Path) -> str:

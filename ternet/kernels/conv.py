@@ -53,10 +53,12 @@ def conv_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo) -> np.ndarra
     return acc.astype(np.int32)
 
 
-def conv_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pad_top, pad_left, Ho, Wo):
-    """x u8[N,H,W,Cin], w i8[Cout,k,k,Cin], bias i32[Cout], mult f32[Cout] -> u8[N,Ho,Wo,Cout]."""
+def conv_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pad_top, pad_left, Ho, Wo,
+             rule="ternet"):
+    """x u8[N,H,W,Cin], w i8[Cout,k,k,Cin], bias i32[Cout], mult f32[Cout] -> u8[N,Ho,Wo,Cout]
+    (quant.RULES rule)."""
     acc = conv_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo)
-    return quant.requant_ref(acc, mult, zp_out, lo, hi)
+    return quant.requant_ref(acc, mult, zp_out, lo, hi, rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,26 +201,28 @@ class RefPointwise:
     hi: int
     cin_p: int
     cout_p: int
+    rule: str = "ternet"
 
     def __call__(self, x, P, out):
         cout, cin = self.w.shape
         acc = (x[:P, :cin].astype(np.int64) - self.zx) @ self.w.T.astype(np.int64) + self.bias
-        out[:P, :cout] = quant.requant_ref(acc.astype(np.int32), self.mult, self.zp_out, self.lo, self.hi)
+        out[:P, :cout] = quant.requant_ref(acc.astype(np.int32), self.mult, self.zp_out, self.lo,
+                                           self.hi, self.rule)
         out[:P, cout:] = quant.requant_ref(np.zeros((P, self.cout_p - cout), np.int32), 0, self.zp_out,
-                                           self.lo, self.hi)
+                                           self.lo, self.hi, self.rule)
 
 
-def _pointwise_plan(w2, bias, zx, mult, zp_out, lo, hi, impl):
+def _pointwise_plan(w2, bias, zx, mult, zp_out, lo, hi, impl, rule):
     if impl == "ref":
         cout, cin = w2.shape
         return RefPointwise(np.asarray(w2, np.int8), np.asarray(bias, np.int32), int(zx),
                             np.asarray(mult, np.float32), int(zp_out), int(lo), int(hi),
-                            pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN))
+                            pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN), rule)
     from .pointwise import make_pointwise     # noqa: PLC0415 (pointwise imports numba kernels lazily)
     if impl is None:
         from .cpu import pointwise_kernel   # noqa: PLC0415
         impl = pointwise_kernel(ternary=False)
-    return make_pointwise(w2, bias, zx, mult, zp_out, lo, hi, impl)
+    return make_pointwise(w2, bias, zx, mult, zp_out, lo, hi, impl, rule)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -273,9 +277,10 @@ class ConvPlan:
 
 
 def make_conv(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left, H, W, Ho, Wo,
-              impl=None) -> ConvPlan:
+              impl=None, rule="ternet") -> ConvPlan:
     """Prepare a k x k conv from canonical tensors: w int8 [Cout,k,k,Cin], raw bias int32 [Cout],
-    input zero point, mult float32 [Cout], output zero point and clamp bounds; geometry from
+    input zero point, mult float32 [Cout], output zero point and clamp bounds, requantization
+    rule (quant.RULES); geometry from
     quant.conv_padding. impl: a pointwise impl (vnni|avx2|addonly|plain), None for the best one for
     int8 weights on this CPU, or "ref" (numpy)."""
     w = np.asarray(w)
@@ -286,6 +291,6 @@ def make_conv(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left, H, W
         raise ValueError(f"bad stride/padding {stride}, ({pad_top}, {pad_left}) for k={k}")
     if not 0 <= int(zx) <= 255:
         raise ValueError(f"zero point {zx} outside [0, 255]")
-    pw = _pointwise_plan(w.reshape(cout, -1), bias, zx, mult, zp_out, lo, hi, impl)
+    pw = _pointwise_plan(w.reshape(cout, -1), bias, zx, mult, zp_out, lo, hi, impl, rule)
     return ConvPlan(cin, cout, k, int(stride), int(pad_top), int(pad_left), int(H), int(W), int(Ho),
                     int(Wo), pad_to(k * k * cin, CH_ALIGN), int(zx), pw)

@@ -81,10 +81,11 @@ def depthwise_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo) -> np.n
     return acc.astype(np.int32)
 
 
-def depthwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pad_top, pad_left, Ho, Wo):
-    """x u8[N,H,W,C], w i8[k,k,C], bias i32[C], mult f32[C] -> u8[N,Ho,Wo,C]."""
+def depthwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, stride, pad_top, pad_left, Ho, Wo,
+                  rule="ternet"):
+    """x u8[N,H,W,C], w i8[k,k,C], bias i32[C], mult f32[C] -> u8[N,Ho,Wo,C] (quant.RULES rule)."""
     acc = depthwise_acc_ref(x, zx, w, bias, stride, pad_top, pad_left, Ho, Wo)
-    return quant.requant_ref(acc, mult, zp_out, lo, hi)
+    return quant.requant_ref(acc, mult, zp_out, lo, hi, rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def _madd(b, z, w, avx2):
 
 def _emit_tile(ctx, b, layer, run, avx2):
     """See `_tile`. All offsets are element indices (i64)."""
-    rs, cs, k, ws, zph, lo, hi = run.rs, run.cs, layer.k, layer.ws, layer.zph, layer.lo, layer.hi
+    rs, cs, k, ws, lo, hi = run.rs, run.cs, layer.k, layer.ws, layer.lo, layer.hi
     xo, oo, n, npix, xstep, ostep = run.xo, run.oo, run.n, run.npix, run.xstep, run.ostep
 
     def data(rec, name):
@@ -126,7 +127,8 @@ def _emit_tile(ctx, b, layer, run, avx2):
     xp, op = data(run, "x"), data(run, "out")
     wp, bp, mp = data(layer, "w"), data(layer, "bias"), data(layer, "mult")
     acc_out = run.types.out.dtype == types.int32
-    zv, lov, hiv = splat(b, zph, 16), splat(b, lo, 16), splat(b, hi, 16)
+    zv, zcv = splat(b, layer.zph, 16), splat(b, layer.zpc, 16)
+    lov, hiv = splat(b, lo, 16), splat(b, hi, 16)
     # tap table on the stack (generic k only; built in that branch, see the end): tab[ky*k + kx]
     # = ky*rs + kx*cs, an odd count padded with a copy of the last tap (its pair weight is 0), so
     # taps go in pairs (2p, 2p + 1)
@@ -176,9 +178,9 @@ def _emit_tile(ctx, b, layer, run, avx2):
                 b.store(shuffle(b, acc, _INV), b.bitcast(b.gep(op, [b.mul(b.add(oo, cj), const(4))]),
                                                          _v16i32.as_pointer()), align=4)
                 continue
-            # quant.requant_ref: float32 mul, then add (separate, no contraction), clamp; v >= lo >= 0
-            # so truncation is floor
-            v = b.fadd(b.fmul(b.sitofp(acc, _v16f32), vload(mp, cj, _v16f32, 4, 4)), zv)
+            # quant.requant_ref: float32 mul, then the two adds of quant.round_constants
+            # (separate, no contraction), clamp; v >= lo >= 0 so truncation is floor
+            v = b.fadd(b.fadd(b.fmul(b.sitofp(acc, _v16f32), vload(mp, cj, _v16f32, 4, 4)), zv), zcv)
             v = b.select(b.fcmp_ordered("<", v, lov), lov, v)
             v = b.select(b.fcmp_ordered(">", v, hiv), hiv, v)
             q = shuffle(b, b.trunc(b.fptosi(v, _v16i32), _v16i8), _INV)
@@ -224,12 +226,14 @@ PAIRS, PAIRS_PORTABLE, VNNI, EMU512 = 0, 1, 2, 3
 class DwLayer(NamedTuple):
     """What every _tile call of a layer shares: prepared w (pair layout: i16 pairs
     [(k*k+1)//2, ws, 2], channels in PERM order within groups of 16; VNNI/EMU512: dw_vnni's layout,
-    ws bytes per tap pair), its row stride ws, bias i32, mult f32, zph/lo/hi f32, kernel size k."""
+    ws bytes per tap pair), its row stride ws, bias i32, mult f32, zph/zpc (quant.round_constants)
+    /lo/hi f32, kernel size k."""
     w: object
     ws: object
     bias: object
     mult: object
     zph: object
+    zpc: object
     lo: object
     hi: object
     k: object
@@ -307,7 +311,7 @@ def _gather(xf, nb, iy0, ix0, H, W, rs, cs, zx, patch, k):
 
 
 @kernel()
-def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch, variant):
+def _rows(r0, r1, x, zx, wq, bias, mult, zph, zpc, lo, hi, k, stride, pt, pl, run, out, patch, variant):
     """Output rows [r0, r1) of the batch (r = n * Ho + oy): all Wo pixels and Cp channels.
     out u8 (requantized) or i32 (accumulators). run: pixels per flat run (stride 1, see
     FLAT_LEN; the prepared channel axis holds run copies)."""
@@ -317,7 +321,7 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, ou
     xf = x.reshape(-1)
     of = out.reshape(-1)
     rs, cs, pks = U(W * Cp), U(Cp), U(k * Cp)
-    layer = DwLayer(wq.reshape(-1), U(wq.shape[1]), bias, mult, zph, lo, hi, U(k))
+    layer = DwLayer(wq.reshape(-1), U(wq.shape[1]), bias, mult, zph, zpc, lo, hi, U(k))
     # interior columns: ox*s - pl >= 0 and ox*s - pl + k <= W (floor division)
     cx_lo = min(Wo, (pl + stride - 1) // stride)
     cx_hi = max(cx_lo, min(Wo, (W - k + pl) // stride + 1))
@@ -354,7 +358,7 @@ def _rows(r0, r1, x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, ou
 
 class DwDrivers(NamedTuple):
     """One layout's drivers: x u8[N,H,W,Cp] -> out u8[N,Ho,Wo,Cp] (or int32 accumulators, given
-    an i32 out: a testing aid); prepared tensors (see above), zph/lo/hi f32, patch u8[>= 1, k*k*Cp]
+    an i32 out: a testing aid); prepared tensors (see above), zph/zpc/lo/hi f32, patch u8[>= 1, k*k*Cp]
     scratch (one row per chunk of rows)."""
     serial: object
     par: object         # the output rows split into patch.shape[0] chunks over numba's threads; None
@@ -365,12 +369,12 @@ def _driver(name: str, v: int, par: bool):
     """The driver `name` of _tile variant v, serial (one chunk, patch row 0) or parallel. Every
     output is computed by the same code whatever the split, so results do not depend on the
     thread count."""
-    def drive(x, zx, wq, bias, mult, zph, lo, hi, k, stride, pt, pl, run, out, patch):
+    def drive(x, zx, wq, bias, mult, zph, zpc, lo, hi, k, stride, pt, pl, run, out, patch):
         nr = out.shape[0] * out.shape[1]
         nch = min(nr, patch.shape[0]) if par else 1
         for i in prange(nch):
-            _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, lo, hi, k, stride,
-                  pt, pl, run, out, patch[i], v)
+            _rows(i * nr // nch, (i + 1) * nr // nch, x, zx, wq, bias, mult, zph, zpc, lo, hi, k,
+                  stride, pt, pl, run, out, patch[i], v)
     return _variant(drive, name, __name__, parallel=par)
 
 
@@ -486,7 +490,8 @@ class DepthwisePlan:
     w: np.ndarray = dataclasses.field(repr=False)        # i16[(k*k+1)//2, L, 2] or dw_vnni's
     bias: np.ndarray = dataclasses.field(repr=False)     # i32[L], zero point folded
     mult: np.ndarray = dataclasses.field(repr=False)     # f32[L]
-    zph: np.float32 = dataclasses.field(repr=False)
+    zph: np.float32 = dataclasses.field(repr=False)      # quant.round_constants
+    zpc: np.float32 = dataclasses.field(repr=False)
     lo: np.float32 = dataclasses.field(repr=False)
     hi: np.float32 = dataclasses.field(repr=False)
     patch: np.ndarray = dataclasses.field(repr=False)    # u8[max threads, k*k*Cp]
@@ -508,7 +513,7 @@ class DepthwisePlan:
             raise ValueError("x and out must be C-contiguous views (buf[:P].reshape(N, H, W, Cp))")
 
     def _args(self, x4d):
-        return (x4d, self.zx, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, self.k,
+        return (x4d, self.zx, self.w, self.bias, self.mult, self.zph, self.zpc, self.lo, self.hi, self.k,
                 self.stride, self.pad_top, self.pad_left, self.run)
 
     def padded_bytes(self, n: int) -> int:
@@ -584,9 +589,10 @@ def pads_input(k, stride, pad_top, pad_left, H, W, Ho, Wo, impl="pairs") -> bool
 
 
 def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left, H, W, Ho, Wo,
-                   pad_input=None, impl=None):
+                   pad_input=None, impl=None, rule="ternet"):
     """Prepare a depthwise layer from canonical tensors: w int8 [k,k,C], raw bias int32 [C],
-    input zero point zx, mult float32 [C], output zero point, clamp bounds; geometry from
+    input zero point zx, mult float32 [C], output zero point, clamp bounds, requantization rule
+    (quant.RULES); geometry from
     quant.conv_padding. Any batch size; nothing is allocated per call, except the bordered input
     copy when the caller passes no scratch (first call per larger batch, then kept).
     pad_input: copy the input into a zero-point-bordered buffer first, so every pixel takes the
@@ -620,6 +626,6 @@ def make_depthwise(w, bias, zx, mult, zp_out, lo, hi, stride, pad_top, pad_left,
     Hp = max((Ho - 1) * stride + k, pad_top + H) if pad_input else 0
     Wp = max((Wo - 1) * stride + k, pad_left + W) if pad_input else 0
     return DepthwisePlan(C, k, int(stride), int(pad_top), int(pad_left), int(H), int(W), int(Ho),
-                         int(Wo), Cp, np.uint8(zx), wq, bp, mp, quant.zp_bias(zp_out),
+                         int(Wo), Cp, np.uint8(zx), wq, bp, mp, *quant.round_constants(zp_out, rule),
                          np.float32(lo), np.float32(hi), patch, bool(pad_input), int(Hp), int(Wp),
                          run, impl)

@@ -13,7 +13,8 @@ vectors of a pair are shared by a tile of TILE_PX output pixels. Products are ex
 the factory bounds like the pair kernel's. An odd tap count ends with a pair whose second tap
 repeats the first with zero weights.
 
-Epilogue, per accumulator: quant.requant_ref's float32 product and separate add, then min(v, hi)
+Epilogue, per accumulator: quant.requant_ref's float32 product and the two separate adds of
+`quant.round_constants`, then min(v, hi)
 and truncation to int32; the saturating packs `vpackusdw` + `vpackuswb` make negative values 0
 (so truncation equals floor where it matters) and `vpmaxub` applies lo: max(lo, sat(trunc(min(v,
 hi)))) == clamp(floor(v), lo, hi) for integer 0 <= lo <= hi <= 255 and finite v. The unpacks and
@@ -181,7 +182,8 @@ class _Tile:
         self.xp, self.op = data(run, "x"), data(run, "out")
         self.wp, self.bp, self.mp = data(layer, "w"), data(layer, "bias"), data(layer, "mult")
         self.acc_out = run.types.out.dtype == types.int32
-        self.zv, self.hiv = splat(b, layer.zph, 16), splat(b, layer.hi, 16)
+        self.zv, self.zcv = splat(b, layer.zph, 16), splat(b, layer.zpc, 16)
+        self.hiv = splat(b, layer.hi, 16)
         self.lob = splat(b, b.fptoui(layer.lo, i8), 64)     # 0 <= lo <= 255, integer-valued
         self.accs = [[cgutils.alloca_once(b, _v16i32) for _ in range(4)] for _ in range(TILE_PX)]
         self.xo, self.oo, self.n, self.npix = run.xo, run.oo, run.n, run.npix
@@ -338,9 +340,10 @@ class _Tile:
         for p in range(count):
             q = []
             for r in range(4):
-                # quant.requant_ref: float32 product, then + (zp + 0.5) as a separate add (no
+                # quant.requant_ref: float32 product, then + zph and + zpc as separate adds (no
                 # contraction); min with hi here, lo and the floor of negatives after the packs
                 v = b.fadd(b.fmul(b.sitofp(b.load(self.accs[p][r]), _v16f32), mv[r]), self.zv)
+                v = b.fadd(v, self.zcv)
                 v = b.select(b.fcmp_ordered(">", v, self.hiv), self.hiv, v)
                 q.append(b.fptosi(v, _v16i32))
             words = [_pack_sat(b, q[0], q[1], self.native), _pack_sat(b, q[2], q[3], self.native)]

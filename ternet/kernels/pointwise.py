@@ -58,9 +58,9 @@ def pointwise_acc_ref(x, zx, w, bias) -> np.ndarray:
     return acc.astype(np.int32)
 
 
-def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi) -> np.ndarray:
+def pointwise_ref(x, zx, w, bias, mult, zp_out, lo, hi, rule="ternet") -> np.ndarray:
     """x u8[P, Cin], w i8[Cout, Cin], bias i32[Cout], mult f32[Cout] -> u8[P, Cout] (quant.py rule)."""
-    return quant.requant_ref(pointwise_acc_ref(x, zx, w, bias), mult, zp_out, lo, hi)
+    return quant.requant_ref(pointwise_acc_ref(x, zx, w, bias), mult, zp_out, lo, hi, rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +123,12 @@ class Lists(NamedTuple):
 
 
 class Requant(NamedTuple):
-    """The epilogue's parameters: bias i32[cout_p] (zero point folded), mult f32[cout_p], zph, lo,
-    hi f32 (quant.requant_ref)."""
+    """The epilogue's parameters: bias i32[cout_p] (zero point folded), mult f32[cout_p], zph, zpc
+    (quant.round_constants), lo, hi f32 (quant.requant_ref)."""
     bias: object
     mult: object
     zph: object
+    zpc: object
     lo: object
     hi: object
 
@@ -172,7 +173,7 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
     accumulators. TL (tile length) is a compile-time literal; every other flag is a runtime value
     so that all drivers share the two compiled specialisations."""
     tptr, tchunks, trows, dptr, drows, dw, compl = lists
-    bias, mult, zph, lo, hi = rq
+    bias, mult, zph, zpc, lo, hi = rq
     xt, acc16, acc32, yt = scratch
     I32 = out32.shape[0] > 0
     x64 = x.view(np.uint64)         # [rows, cin_p/8]: 8 channels of one pixel per word
@@ -281,20 +282,21 @@ def _pw_tiles(x, P, p_start, ntiles, lists, rq, out, out32, scratch, TL):
                     for j in range(nvalid):
                         out32[p0 + j, o] = acc32[j]
                     continue
-                # (3) requantize (quant.py rule: float32 mul, then add, no FMA; clamp; floor == trunc
-                # because the clamped value is >= lo >= 0)
+                # (3) requantize (quant.py rule: float32 mul, then the two adds of
+                # quant.round_constants, no FMA; clamp; floor == trunc because the clamped value
+                # is >= lo >= 0)
                 m = mult[o]
                 yo = oo * tl
                 if src == 1:
                     for j in range(tl):
-                        v = np.float32(np.int32(bo + acc16[j])) * m + zph
+                        v = (np.float32(np.int32(bo + acc16[j])) * m + zph) + zpc
                         yt[yo + j] = np.uint8(min(max(v, flo), fhi))
                 elif src == 2:
                     for j in range(tl):
-                        v = np.float32(acc32[j]) * m + zph
+                        v = (np.float32(acc32[j]) * m + zph) + zpc
                         yt[yo + j] = np.uint8(min(max(v, flo), fhi))
                 else:
-                    v = min(max(np.float32(bo) * m + zph, flo), fhi)
+                    v = min(max((np.float32(bo) * m + zph) + zpc, flo), fhi)
                     for j in range(tl):
                         yt[yo + j] = np.uint8(v)
             if I32:
@@ -350,21 +352,21 @@ def _drivers(out: str, par: bool):
     i32 = out == "i32"
     sfx = "_par" if par else ""
 
-    def addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, lo, hi, compl, out, xt,
+    def addonly(x, P, tptr, tchunks, trows, dptr, drows, dw, bias, mult, zph, zpc, lo, hi, compl, out, xt,
                 acc16, acc32, yt, work):
         lists = Lists(tptr, tchunks, trows, dptr, drows, dw, compl)
         outs = (np.zeros((0, 8), np.uint8), out) if i32 else (out, np.zeros((0, 1), np.int32))
         for t in prange(work.shape[0]):
             scratch = Scratch(xt[t], acc16[t], acc32[t], yt[t]) if par else Scratch(xt, acc16, acc32, yt)
-            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, lo, hi), outs[0],
+            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, zpc, lo, hi), outs[0],
                       outs[1], scratch)
 
-    def plain(x, P, dptr, drows, dw, bias, mult, zph, lo, hi, out, xt, acc16, acc32, yt, work):
+    def plain(x, P, dptr, drows, dw, bias, mult, zph, zpc, lo, hi, out, xt, acc16, acc32, yt, work):
         lists = _dense_lists(dptr, drows, dw, work)
         outs = (np.zeros((0, 8), np.uint8), out) if i32 else (out, np.zeros((0, 1), np.int32))
         for t in prange(work.shape[0]):
             scratch = Scratch(xt[t], acc16[t], acc32[t], yt[t]) if par else Scratch(xt, acc16, acc32, yt)
-            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, lo, hi), outs[0],
+            _pw_range(x, P, work[t, 0], work[t, 1], lists, Requant(bias, mult, zph, zpc, lo, hi), outs[0],
                       outs[1], scratch)
 
     return (variant(addonly, f"pw_t2_{out}_addonly{sfx}", __name__, parallel=par),
@@ -484,7 +486,8 @@ class PwPlainPlan:
     dw: np.ndarray = dataclasses.field(repr=False)        # i16 weights
     bias: np.ndarray = dataclasses.field(repr=False)      # i32, zero point (and -255s) folded, padded
     mult: np.ndarray = dataclasses.field(repr=False)      # f32, padded with 0
-    zph: np.float32 = dataclasses.field(repr=False)
+    zph: np.float32 = dataclasses.field(repr=False)      # quant.round_constants
+    zpc: np.float32 = dataclasses.field(repr=False)
     lo: np.float32 = dataclasses.field(repr=False)
     hi: np.float32 = dataclasses.field(repr=False)
     compl: bool = dataclasses.field(repr=False)           # some ternary row has a -1
@@ -504,7 +507,7 @@ class PwPlainPlan:
         """The drivers' arguments between P and out (see _drivers), built once."""
         args = self._cache.get("args")
         if args is None:
-            rq = (self.bias, self.mult, self.zph, self.lo, self.hi)
+            rq = (self.bias, self.mult, self.zph, self.zpc, self.lo, self.hi)
             args = self._cache["args"] = (
                 (self.tptr, self.tchunks, self.trows, self.dptr, self.drows, self.dw, *rq, self.compl)
                 if self.impl == "addonly" else (self.dptr, self.drows, self.dw, *rq))
@@ -545,7 +548,7 @@ class PwPlainPlan:
         DRIVERS[self.impl][2](x, P, *self._args(), acc, xt[0], a16[0], a32[0], yt[0], work)
 
 
-def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
+def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl, rule) -> PwPlainPlan:
     w = _check_layer(w, mult, lo, hi)
     cout, cin = w.shape
     cin_p, cout_p = pad_to(cin, CH_ALIGN), pad_to(cout, CH_ALIGN)
@@ -561,31 +564,33 @@ def _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, impl) -> PwPlainPlan:
     mult_p = np.zeros(cout_p, np.float32)
     mult_p[:cout] = np.asarray(mult, np.float32).reshape(-1)
     plan = PwPlainPlan(cin, cout, cin_p, cout_p, impl, tptr, tchunks, trows, dptr, drows, dw,
-                       bias_k, mult_p, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
+                       bias_k, mult_p, *quant.round_constants(zp_out, rule), np.float32(lo),
+                       np.float32(hi),
                        bool(nminus.any()))
     plan.scratch(num_threads())
     return plan
 
 
-def make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
+def make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi, rule="ternet") -> PwPlainPlan:
     """Plan for pw_t2_u8_addonly from canonical tensors: w int8 [Cout, Cin] (ternary rows become
     index lists; other rows, if any, run dense), raw bias int32 [Cout], input zero point zx,
-    mult float32 [Cout], output zero point and clamp bounds (see quant.py)."""
-    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "addonly")
+    mult float32 [Cout], output zero point and clamp bounds, requantization rule (see quant.py)."""
+    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "addonly", rule)
 
 
-def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi) -> PwPlainPlan:
+def make_pw_plain(w, bias, zx, mult, zp_out, lo, hi, rule="ternet") -> PwPlainPlan:
     """Plan for pw_i8_u8_plain (dense int8) from canonical tensors, arguments as make_pw_addonly."""
-    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "plain")
+    return _make_plain_plan(w, bias, zx, mult, zp_out, lo, hi, "plain", rule)
 
 
-def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl):
+def make_pointwise(w, bias, zx, mult, zp_out, lo, hi, impl, rule="ternet"):
     """Prepared pointwise layer for kernel family impl in IMPLS (see cpu.pointwise_kernel)."""
     if impl in ("vnni", "avx2", "amx"):
         from .vnni import kernel_isa, make_pw_vnni   # noqa: PLC0415 (LLVM-IR kernels: when asked for)
-        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=kernel_isa(impl, np.asarray(w)))
+        return make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa=kernel_isa(impl, np.asarray(w)),
+                            rule=rule)
     if impl == "addonly":
-        return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi)
+        return make_pw_addonly(w, bias, zx, mult, zp_out, lo, hi, rule)
     if impl == "plain":
-        return make_pw_plain(w, bias, zx, mult, zp_out, lo, hi)
+        return make_pw_plain(w, bias, zx, mult, zp_out, lo, hi, rule)
     raise ValueError(f"unknown pointwise impl {impl!r}; expected one of {IMPLS}")

@@ -127,7 +127,8 @@ class _Emitter:
         n = isa.lanes
         self.vi, self.vf = ig.vec(i32, n), ig.vec(f32, n)
         self.vnarrow = ig.vec(i16, 2 * n)       # avx2's int16 partial sums
-        self.zph, self.lo, self.hi = (splat(builder, v, n) for v in (layer.zph, layer.lo, layer.hi))
+        self.zph, self.zpc, self.lo, self.hi = (splat(builder, v, n) for v in (
+            layer.zph, layer.zpc, layer.lo, layer.hi))
         # fused residual add (quant.add_ref) after the requantization, see _add_residual
         self.fused = add is not None
         if self.fused:
@@ -237,8 +238,9 @@ class _Emitter:
             # The int32 accumulators start at the bias (saves an add per output vector).
             accs = self._accumulators(self.vi, h, bias)
             k_steps(const(0), self.nkb, accs)
-        # Epilogue, per quant.requant_ref: float32(acc) * m, then + (zp + 0.5) as a separate add
-        # (no contraction flags: an FMA would round once and differ), clamp to [lo, hi], floor.
+        # Epilogue, per quant.requant_ref: float32(acc) * m, then + zph and + zpc as separate adds
+        # (quant.round_constants; no contraction flags: an FMA would round once and differ),
+        # clamp to [lo, hi], floor.
         # After the clamp 0 <= lo <= v <= hi <= 255, so floor + narrowing is exactly fptoui to i8,
         # which LLVM lowers to cvttps2dq + pack (vpmovdb) with no rounding or masking steps.
         mult = self._multipliers(chan)
@@ -258,7 +260,7 @@ class _Emitter:
             for acc, c in zip(accs, chan):
                 b.store(acc, self._ptr(self.out, b.add(orow, b.mul(c, const(4))), self.vi), align=1)
             return
-        vals = [self._clamp(b.fadd(b.fmul(b.sitofp(acc, self.vf), m), self.zph))
+        vals = [self._clamp(b.fadd(b.fadd(b.fmul(b.sitofp(acc, self.vf), m), self.zph), self.zpc))
                 for acc, m in zip(accs, mult)]
         if self.fused:
             vals = [self._add_residual(v, row, c) for v, c in zip(vals, chan)]
@@ -343,7 +345,7 @@ class _Emitter:
 # The chunk intrinsics and the drivers
 #
 # Driver arguments: x u8[rows, Kp], w i8[Np/16, Kp/4, 16, 4] (avx2i8: i16[Np/16, Kp/4, 2, 16, 2];
-# amx: Kp rounded up to 64), bias i32[Np], mult f32[Np], zph/lo/hi f32, out u8[rows, Np] (or i32:
+# amx: Kp rounded up to 64), bias i32[Np], mult f32[Np], zph/zpc/lo/hi f32, out u8[rows, Np] (or i32:
 # bias-added accumulators, a testing aid), nkb = K steps of 4 channels, chunks i64[n, 4] =
 # (p0, p1, o0, o1) work items, each output written by exactly one of them. The *_add drivers add
 # res u8[rows, Np], zr i32, mr, zq, mq, zph2, lo2, hi2 f32: out = add_ref(res, zr, mr,
@@ -356,6 +358,7 @@ class PwLayer(NamedTuple):
     bias: object
     mult: object
     zph: object
+    zpc: object
     lo: object
     hi: object
     out: object
@@ -429,14 +432,14 @@ def make_drivers(isa: str, module: str = __name__, parallel: bool = True) -> Dri
     base = ISAS[isa].driver
 
     def make(par):
-        def run(x, w, bias, mult, zph, lo, hi, out, nkb, chunks):
+        def run(x, w, bias, mult, zph, zpc, lo, hi, out, nkb, chunks):
             for c in prange(chunks.shape[0]):
-                _chunk(PwLayer(x, w, bias, mult, zph, lo, hi, out, nkb, chunks), c, v)
+                _chunk(PwLayer(x, w, bias, mult, zph, zpc, lo, hi, out, nkb, chunks), c, v)
 
-        def run_add(x, w, bias, mult, zph, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2, lo2,
-                    hi2):
+        def run_add(x, w, bias, mult, zph, zpc, lo, hi, out, nkb, chunks, res, zr, mr, zq, mq, zph2,
+                    lo2, hi2):
             for c in prange(chunks.shape[0]):
-                _chunk_add(PwLayer(x, w, bias, mult, zph, lo, hi, out, nkb, chunks),
+                _chunk_add(PwLayer(x, w, bias, mult, zph, zpc, lo, hi, out, nkb, chunks),
                            PwAdd(res, zr, mr, zq, mq, zph2, lo2, hi2), c, v)
 
         sfx = "_par" if par else ""
@@ -516,7 +519,8 @@ class PwVnniPlan:
     w: np.ndarray = dataclasses.field(repr=False)
     bias: np.ndarray = dataclasses.field(repr=False)     # zero point folded, padded
     mult: np.ndarray = dataclasses.field(repr=False)     # padded with 0
-    zph: np.float32 = dataclasses.field(repr=False)
+    zph: np.float32 = dataclasses.field(repr=False)      # quant.round_constants
+    zpc: np.float32 = dataclasses.field(repr=False)
     lo: np.float32 = dataclasses.field(repr=False)
     hi: np.float32 = dataclasses.field(repr=False)
     nkb: int = dataclasses.field(repr=False)             # K steps: ceil(cin / 4), padding skipped
@@ -547,7 +551,8 @@ class PwVnniPlan:
         check_pw_buffers(x, P, out, self.cin_p, self.cout_p, _U8)
         if P:
             _, driver, chunks = self._work(P)
-            driver(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi, out, self.nkb, chunks)
+            driver(x, self.w, self.bias, self.mult, self.zph, self.zpc, self.lo, self.hi, out,
+                   self.nkb, chunks)
 
     def accumulate(self, x, P, acc):
         """Testing aid: int32 accumulators (bias included) of rows [0, P) into acc i32[rows, cout_p]."""
@@ -556,15 +561,15 @@ class PwVnniPlan:
             whole = self._chunks.get(("whole", P))
             if whole is None:       # kept: a recorded replay keeps its memory like any argument
                 whole = self._chunks["whole", P] = np.array([[0, P, 0, self.cout_p]], np.int64)
-            drivers(self.isa).serial(x, self.w, self.bias, self.mult, self.zph, self.lo, self.hi,
-                                     acc, self.nkb, whole)
+            drivers(self.isa).serial(x, self.w, self.bias, self.mult, self.zph, self.zpc, self.lo,
+                                     self.hi, acc, self.nkb, whole)
 
 
 def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
-                 by_size: bool = True) -> PwVnniPlan:
+                 by_size: bool = True, rule: str = "ternet") -> PwVnniPlan:
     """Prepare a pointwise layer for the VNNI/AVX2/AMX micro-kernels from canonical tensors:
     w int8 [Cout, Cin] (ternary = -1/0/1), raw bias int32 [Cout], input zero point zx,
-    mult float32 [Cout], output zero point and clamp bounds (see quant.py). isa: a key of ISAS or
+    mult float32 [Cout], output zero point and clamp bounds, requantization rule (see quant.py). isa: a key of ISAS or
     a family of FAMILY_ISAS, resolved for the weights by kernel_isa (avx2: the ternary vpmaddubsw
     kernel when every weight is in {-1, 0, 1}, else avx2i8; hybrid layers run all rows int8; the
     plan's `isa` says which). isa="amx": AMX-INT8 where
@@ -596,8 +601,8 @@ def make_pw_vnni(w, bias, zx, mult, zp_out, lo, hi, isa: str = "avx512vnni",
     wp = pack_weights(w, pad_to(cin, 64) if isa in ("amx", "emuamx") else cin_p, cout_p,
                       wide=ISAS[isa].wbytes == 2)
     return PwVnniPlan(cin, cout, cin_p, cout_p, ISAS[isa].impl, isa, wp,
-                      biasp, multp, quant.zp_bias(zp_out), np.float32(lo), np.float32(hi),
-                      -(-cin // 4), by_size)
+                      biasp, multp, *quant.round_constants(zp_out, rule), np.float32(lo),
+                      np.float32(hi), -(-cin // 4), by_size)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -627,7 +632,7 @@ class PwAddPlan:
             isa, _, chunks = pw._work(P)
             d = drivers(isa)
             (d.add_par if len(chunks) > 1 else d.add)(
-                x, pw.w, pw.bias, pw.mult, pw.zph, pw.lo, pw.hi, out, pw.nkb, chunks,
+                x, pw.w, pw.bias, pw.mult, pw.zph, pw.zpc, pw.lo, pw.hi, out, pw.nkb, chunks,
                 res, self.zr, self.mr, self.zq, self.mq, self.zph, self.lo, self.hi)
 
 

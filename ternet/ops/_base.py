@@ -74,10 +74,11 @@ def value_qparams(mf, name: str) -> tuple[float, int]:
 
 
 def requant_params(mf, node) -> tuple[np.ndarray, int, int, int]:
-    """(mult float32[C], zp_out, lo, hi) of a conv-like node, by the rules of ternet.quant."""
+    """(mult float32[C], zp_out, lo, hi) of a conv-like node, by the file's requantization rule
+    (mf.requant, ternet.quant)."""
     s_in, _ = value_qparams(mf, node.inputs[0])
     s_out, zp = value_qparams(mf, node.name)
-    mult = quant.requant_multiplier(s_in, mf.tensor(node, "weight_scale"), s_out)
+    mult = quant.requant_multiplier(s_in, mf.tensor(node, "weight_scale"), s_out, mf.requant)
     lo, hi = quant.activation_bounds(node.attrs["activation"], s_out, zp)
     return mult, zp, lo, hi
 

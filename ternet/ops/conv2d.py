@@ -58,7 +58,7 @@ def check_requantized(c, wt, cout, s_in, zx):
     s_w = c.weight_scale(cout)
     s_out, _ = c.output_qparams()
     c.accumulator(b, wt, zx)
-    c.multiplier("requantization multiplier", quant.requant_multiplier, s_in, s_w, s_out)
+    c.multiplier("requantization multiplier", quant.requant_multiplier, s_in, s_w, s_out, c.requant)
 
 
 def reference(mf, node, inputs):
@@ -67,7 +67,8 @@ def reference(mf, node, inputs):
     mult, zp, lo, hi = requant_params(mf, node)
     pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
     return conv_ref(src, input_zero_point(mf, node), mf.tensor(node, "weight"),
-                    mf.tensor(node, "bias"), mult, zp, lo, hi, node.attrs["stride"], pt, pl, ho, wo)
+                    mf.tensor(node, "bias"), mult, zp, lo, hi, node.attrs["stride"], pt, pl, ho, wo,
+                    rule=mf.requant)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def build(ctx, node):
     if s.cp != s.c:              # reads a channel-padded buffer: zero weights for the padding
         wt = np.pad(wt, ((0, 0), (0, 0), (0, 0), (0, s.cp - s.c)))
     plan = make_conv(wt, b, input_zero_point(ctx.mf, node), mult, zp, lo, hi, node.attrs["stride"],
-                     pt, pl, s.h, s.w, ho, wo, ctx.conv_kernel())
+                     pt, pl, s.h, s.w, ho, wo, ctx.conv_kernel(), rule=ctx.mf.requant)
     return ConvStep(ctx.slot(node.inputs[0]), ctx.slot(node.name), s, plan)
 
 

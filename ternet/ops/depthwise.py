@@ -27,7 +27,7 @@ def reference(mf, node, inputs):
     pt, pl, ho, wo = padding_of(node, src.shape[1], src.shape[2])
     return depthwise_ref(src, input_zero_point(mf, node), mf.tensor(node, "weight"),
                          mf.tensor(node, "bias"), mult, zp, lo, hi, node.attrs["stride"],
-                         pt, pl, ho, wo)
+                         pt, pl, ho, wo, rule=mf.requant)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def build(ctx, node):
     pt, pl, ho, wo = padding_of(node, s.h, s.w)
     plan = make_depthwise(ctx.mf.tensor(node, "weight"), ctx.mf.tensor(node, "bias"),
                           input_zero_point(ctx.mf, node), mult, zp, lo, hi, node.attrs["stride"],
-                          pt, pl, s.h, s.w, ho, wo)
+                          pt, pl, s.h, s.w, ho, wo, rule=ctx.mf.requant)
     return DepthwiseStep(ctx.slot(node.inputs[0]), ctx.slot(node.name), s, out, plan,
                          ctx.scratch if plan.padded else -1)
 

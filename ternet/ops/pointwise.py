@@ -56,7 +56,7 @@ def reference(mf, node, inputs):
     mult, zp, lo, hi = requant_params(mf, node)
     n, h, w, c = src.shape
     return pointwise_ref(src.reshape(-1, c), input_zero_point(mf, node), pointwise_weight(mf, node),
-                         mf.tensor(node, "bias"), mult, zp, lo, hi).reshape(n, h, w, -1)
+                         mf.tensor(node, "bias"), mult, zp, lo, hi, rule=mf.requant).reshape(n, h, w, -1)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def build(ctx, node):
     mult, zp, lo, hi = requant_params(ctx.mf, node)
     plan = make_pointwise(pointwise_weight(ctx.mf, node), ctx.mf.tensor(node, "bias"),
                           input_zero_point(ctx.mf, node), mult, zp, lo, hi,
-                          ctx.pointwise_kernel(node.attrs["weight"]))
+                          ctx.pointwise_kernel(node.attrs["weight"]), rule=ctx.mf.requant)
     return PointwiseStep(ctx.slot(node.inputs[0]), ctx.slot(node.name), s, plan)
 
 
