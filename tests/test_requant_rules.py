@@ -105,14 +105,23 @@ def tie_pointwise(rng, P=77, cin=5, cout=40):
     return x, w, bias
 
 
+TIE_ZX = TIE_ZP = 128
+
+
+def tie_pointwise_case(seed):
+    """(rng, x, w, bias, {rule: expected uint8 output}) of a tie_pointwise layer with input and
+    output zero points 128, multiplier 1/2 and the full clamp range."""
+    rng = np.random.default_rng(seed)
+    x, w, bias = tie_pointwise(rng)
+    acc = pw.pointwise_acc_ref(x, TIE_ZX, w, bias)
+    return rng, x, w, bias, both_rules(acc, HALF, TIE_ZP, 0, 255)
+
+
 @pytest.mark.parametrize("impl", PW_IMPLS)
 def test_pointwise_ties(impl):
-    rng = np.random.default_rng(11)
-    x, w, bias = tie_pointwise(rng)
-    zx, zp = 128, 128
-    acc = pw.pointwise_acc_ref(x, zx, w, bias)
-    want = both_rules(acc, HALF, zp, 0, 255)
-    P, cout = acc.shape
+    rng, x, w, bias, want = tie_pointwise_case(11)
+    zx, zp = TIE_ZX, TIE_ZP
+    P, cout = x.shape[0], w.shape[0]
     for rule in quant.RULES:
         mult = np.full(cout, HALF)
         if impl in ("addonly", "plain"):
@@ -128,12 +137,9 @@ def test_pointwise_ties(impl):
 @pytest.mark.parametrize("impl", [p for p in PW_IMPLS if p not in ("addonly", "plain")])
 def test_fused_pointwise_add_ties(impl):
     """The fused epilogue: the pointwise part under the rule, the add under ternet's."""
-    rng = np.random.default_rng(12)
-    x, w, bias = tie_pointwise(rng)
-    zx, zp = 128, 128
-    acc = pw.pointwise_acc_ref(x, zx, w, bias)
-    want = both_rules(acc, HALF, zp, 0, 255)
-    P, cout = acc.shape
+    rng, x, w, bias, want = tie_pointwise_case(12)
+    zx, zp = TIE_ZX, TIE_ZP
+    P, cout = x.shape[0], w.shape[0]
     for rule in quant.RULES:
         plan = vnni.make_pw_add(vnni.make_pw_vnni(w, bias, zx, np.full(cout, HALF), zp, 0, 255,
                                                   isa=impl, by_size=False, rule=rule),
